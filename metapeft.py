@@ -1,0 +1,182 @@
+"""Priming a pretrained encoder for parameter-efficient fine-tuning with meta-learning (Gheini et al., 2023).
+
+Notation of PAPER.md: theta = the pretrained encoder, phi = PEFT parameters + token-classification head.
+Priming is MAML whose inner loop simulates PEFT (SGD on phi over a support batch, theta fixed) and whose
+outer loop updates theta (optionally phi's initialisation too) from the query loss at the adapted phi:
+
+    for each task (S, Q):  phi = phi0;  K times: phi = phi - alpha * grad_phi L(S; theta, phi)
+    meta_loss = mean over tasks of L(Q; theta, phi)          -> optimizer step on theta (, phi0)
+
+Everything is functional (torch.func.functional_call over dicts of tensors): the inner loop never writes to
+the module, so no deepcopy and no per-task optimizer. The primed model is saved with model.save_pretrained,
+which already writes theta and the head in the Hugging Face layout and the PEFT init to peft.safetensors.
+Also here: the optimizer/scheduler/step helpers shared by every training stage, evaluation, and the MLM loss.
+"""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import data
+from model import EMBEDDING_NAMES, fresh_phi, is_head, is_peft, theta_phi
+
+
+@dataclass
+class PrimeConfig:
+    """Priming hyper-parameters. mode: prime (the paper) | maml (inner loop = full fine-tuning) |
+    multitask (plain training of theta and phi on the priming data) | none (no priming stage)."""
+    mode: str = "prime"
+    inner_steps: int = 1             # K simulated PEFT steps per task
+    # alpha: plain SGD on a fresh head moves its logits by about alpha * hidden * |grad| per step, which is
+    # O(0.1-1) at hidden 768 for alpha 1e-3: the inner step matters but does not overshoot.
+    inner_lr: float = 1e-3
+    meta_sgd: bool = False           # learn one inner lr per adapted tensor (Meta-SGD), starting at inner_lr
+    first_order: bool = False        # drop the inner loop's second derivatives (FOMAML)
+    outer: str = "theta"             # theta | theta+phi: the outer loop also meta-learns phi's initialisation
+    phi_start: str = "fresh"         # fresh: each task starts from a new draw, as downstream PEFT | meta: from phi0
+    freeze_embeddings: bool = False  # keep the embedding layer fixed during priming
+    lr: float = 2e-5                 # outer AdamW
+    weight_decay: float = 0.01
+    warmup: int = 100                # outer steps of linear warm-up
+    clip: float = 1.0                # max global grad norm (0 = no clipping)
+
+    def __post_init__(self):
+        for field, allowed in (("mode", ("prime", "maml", "multitask", "none")), ("outer", ("theta", "theta+phi")),
+                               ("phi_start", ("fresh", "meta"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {' | '.join(allowed)}, got {getattr(self, field)!r}")
+        if self.inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if self.outer == "theta+phi" and self.phi_start != "meta":
+            raise ValueError("outer='theta+phi' needs phi_start='meta' (a fresh start would ignore the learned init)")
+        if self.meta_sgd and (self.mode not in ("prime", "maml") or self.inner_steps == 0):
+            raise ValueError("meta_sgd needs an inner loop (mode prime or maml, inner_steps > 0)")
+
+
+def frozen(name, cfg):
+    """Whether a parameter stays fixed throughout priming."""
+    return cfg.freeze_embeddings and name.startswith("encoder.") and name.split(".")[1] in EMBEDDING_NAMES
+
+
+def adapted(name, cfg):
+    """Whether the inner loop updates a parameter: phi only when simulating PEFT, everything in vanilla MAML."""
+    return is_peft(name) or is_head(name) or (cfg.mode == "maml" and not frozen(name, cfg))
+
+
+# ----------------------------------------------------------------------------- the algorithm
+
+def ce_loss(model, params, batch):
+    """Token cross-entropy (labels -100 ignored) of the model evaluated with the given parameter tensors."""
+    logits = functional_call(model, params, (batch["input_ids"], batch["attention_mask"]))
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=data.IGNORE)
+
+
+def task_loss(model, theta, phi0, support, query, cfg, inner_lrs=None):
+    """L(Q; theta, phi_K) for one task, phi_K = K SGD steps on L(S; theta, .) from phi0 (all of theta+phi in maml
+    mode). Differentiable w.r.t. theta, phi0 and inner_lrs; second order unless cfg.first_order."""
+    params = {**theta, **phi0}
+    names = [n for n in params if adapted(n, cfg)]
+    # Fused SDPA kernels have no double backward; only the support passes are differentiated twice.
+    with nullcontext() if cfg.first_order else sdpa_kernel([SDPBackend.MATH]):
+        for _ in range(cfg.inner_steps):
+            grads = torch.autograd.grad(ce_loss(model, params, support), [params[n] for n in names],
+                                        create_graph=not cfg.first_order)  # first order: grads come back detached
+            params = {**params, **{n: params[n] - (inner_lrs[n] if inner_lrs else cfg.inner_lr) * g
+                                   for n, g in zip(names, grads)}}
+    return ce_loss(model, params, query)
+
+
+def meta_loss(model, tasks, cfg, inner_lrs=None):
+    """The priming objective on a meta-batch [(support, query), ...]: mean query loss after the inner loop, or for
+    multitask the mean plain loss of the model's own theta and phi on every support and query batch."""
+    if cfg.mode == "none":
+        raise ValueError("mode 'none' has no priming loss")
+    theta, phi = theta_phi(model)
+    if cfg.mode == "multitask":
+        batches = [b for task in tasks for b in task]
+        return sum(ce_loss(model, {**theta, **phi}, b) for b in batches) / len(batches)
+    losses = [task_loss(model, theta, phi if cfg.phi_start == "meta" else fresh_phi(model), s, q, cfg, inner_lrs)
+              for s, q in tasks]
+    return sum(losses) / len(losses)
+
+
+def make_inner_lrs(model, cfg):
+    """Meta-SGD's learnable inner learning rates, one scalar per adapted tensor (raw, not log: Adam's ~lr-sized
+    steps then move them by a useful fraction), or None without meta_sgd."""
+    if not cfg.meta_sgd:
+        return None
+    return {n: torch.tensor(cfg.inner_lr, dtype=p.dtype, requires_grad=True)
+            for n, p in model.named_parameters() if adapted(n, cfg)}
+
+
+# ----------------------------------------------------------------------------- outer update (shared by all stages)
+
+def outer_params(model, cfg, inner_lrs=None):
+    """{name: tensor} the outer optimizer updates: theta less frozen embeddings, plus phi's init when it is
+    meta-learned (or trained, in multitask), plus Meta-SGD's inner learning rates."""
+    theta, phi = theta_phi(model)
+    out = {n: p for n, p in theta.items() if not frozen(n, cfg)}
+    if cfg.outer == "theta+phi" or cfg.mode == "multitask":
+        out |= phi
+    return out | {f"inner_lr.{n}": lr for n, lr in (inner_lrs or {}).items()}
+
+
+def make_optimizer(named_params, lr, weight_decay):
+    """AdamW over {name: tensor}; matrices decay, vectors (biases, LayerNorm, Meta-SGD lrs) do not."""
+    params = list(named_params.values())
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+
+
+def make_scheduler(opt, warmup, total):
+    """Linear warm-up from 0 over `warmup` steps, then linear decay to 0 at step `total` (as Hugging Face's)."""
+    def factor(s):
+        return s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def step(loss, params, opt, sched, clip):
+    """Backward into params ({name: tensor}) only, clip their global grad norm, step, zero grads.
+    Returns the norm before clipping."""
+    tensors = list(params.values())
+    # inputs= keeps gradients off what is not trained (fresh phi, a fixed phi0, frozen embeddings), and skips
+    # computing them at all: no vocab x hidden embedding gradient when the embeddings are frozen.
+    loss.backward(inputs=tensors)
+    norm = torch.nn.utils.clip_grad_norm_(tensors, clip or math.inf)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+# ----------------------------------------------------------------------------- evaluation and MLM
+
+@torch.no_grad()
+def evaluate(model, examples, sentences, labels, pad_id, batch_size=32):
+    """Entity-level precision/recall/F1 (data.entity_f1's dict) of the model's argmax tags on `examples`
+    (data.encode of `sentences`) against the sentences' gold tags; labels[i] names label id i."""
+    training = model.training
+    model.eval()
+    preds = [p for b in data.batches(examples, batch_size, pad_id)
+             for p in model(b["input_ids"], b["attention_mask"]).argmax(-1).tolist()]
+    model.train(training)
+    pred_tags = data.word_predictions(examples, preds, [len(s.words) for s in sentences], labels)
+    return data.entity_f1([s.tags for s in sentences], pred_tags)
+
+
+def mlm_loss(model, batch, mask_id, vocab_size, generator, prob=0.15):
+    """BERT's masked-LM loss: pick `prob` of the tokens other than <s>, <pad>, </s> (ids 0-2); of those 80%
+    become <mask>, 10% a random token, 10% stay; cross-entropy on the picked ones. Random draws use `generator`."""
+    ids = batch["input_ids"]
+    picked = (torch.rand(ids.shape, generator=generator) < prob) & (ids > 2)
+    how = torch.rand(ids.shape, generator=generator)
+    inputs = torch.where(picked & (how < 0.8), mask_id, ids)
+    inputs = torch.where(picked & (how >= 0.9), torch.randint(vocab_size, ids.shape, generator=generator), inputs)
+    logits = model.mlm_logits(inputs, batch["attention_mask"])
+    labels = torch.where(picked, ids, data.IGNORE).flatten()
+    # A short batch may pick no token at all: that is a zero loss, not the NaN of an empty mean.
+    return F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=data.IGNORE, reduction="sum") / picked.sum().clamp(min=1)

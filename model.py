@@ -1,0 +1,407 @@
+"""A hand-written XLM-R encoder with built-in LoRA and bottleneck adapters.
+
+Loads and saves Hugging Face checkpoints (config.json + model.safetensors) and gives the same
+numbers as `transformers`' XLMRobertaModel / ForTokenClassification / ForMaskedLM on the same
+weights. Parameter names split into three groups with one-line filters:
+    PEFT (phi):   names containing "lora_" or "adapter"      -> is_peft(name)
+    head (phi):   names starting with "classifier."          -> is_head(name)
+    base (theta): everything else (encoder, lm_head)
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+@dataclass
+class Config:
+    """Architecture hyper-parameters; field names and defaults are those of xlm-roberta-base's config.json."""
+    vocab_size: int = 250002
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_json(cls, path):
+        """Read the fields we know from a Hugging Face config.json; other keys are ignored."""
+        d = json.loads(Path(path).read_text())
+        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        if cfg.hidden_act != "gelu":  # XLM-R uses exact (erf) GELU; we implement no other
+            raise ValueError(f"{path}: hidden_act must be 'gelu', got {cfg.hidden_act!r}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"{path}: hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads")
+        return cfg
+
+
+@dataclass
+class PeftConfig:
+    """Which PEFT parameters (phi) the encoder carries. method: lora | houlsby | pfeiffer."""
+    method: str = "lora"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = ("query", "value")  # any of: query key value attn_out ffn_in ffn_out
+    adapter_size: int = 64
+    adapter_act: str = "relu"  # relu | gelu | tanh
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+        if self.method not in ("lora", "houlsby", "pfeiffer"):
+            raise ValueError(f"PEFT method must be lora, houlsby or pfeiffer, got {self.method!r}")
+        if set(self.lora_targets) - set(LORA_TARGETS) or not self.lora_targets:
+            raise ValueError(f"LoRA targets must be among {' '.join(LORA_TARGETS)}, got {self.lora_targets}")
+        if self.adapter_act not in ACTS:
+            raise ValueError(f"adapter_act must be one of {sorted(ACTS)}, got {self.adapter_act!r}")
+
+
+ACTS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+
+
+def init_(name, t, std):
+    """Initialise tensor t in place by its parameter name: Hugging Face's normal(0, std) for weights, zero biases,
+    unit norms; LoRA A as in peft, LoRA B and adapter up-projections zero (a fresh PEFT module is a no-op)."""
+    if name.endswith("lora_A"):
+        return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    if name.endswith(".bias") or name.endswith("lora_B") or ".up." in name:
+        return nn.init.zeros_(t)
+    if "norm" in name.lower():
+        return nn.init.ones_(t)
+    return nn.init.normal_(t, std=std)
+
+
+def fresh_phi(model):
+    """New PEFT + head tensors drawn from their initial distribution (a fresh start, as in downstream PEFT)."""
+    return {n: init_(n, torch.empty_like(p), model.cfg.initializer_range).requires_grad_()
+            for n, p in model.named_parameters() if is_peft(n) or is_head(n)}
+
+
+def is_peft(name):
+    return "lora_" in name or "adapter" in name
+
+
+def is_head(name):
+    return name.startswith("classifier.")
+
+
+class Linear(nn.Linear):
+    """nn.Linear plus an optional LoRA update (alpha / r) * B A. B starts at zero, so a fresh LoRA is a no-op."""
+
+    def __init__(self, n_in, n_out, r=0, alpha=1.0, dropout=0.0):
+        super().__init__(n_in, n_out)
+        self.r, self.merged = r, False
+        if r:
+            self.lora_A = nn.Parameter(torch.empty(r, n_in))
+            self.lora_B = nn.Parameter(torch.zeros(n_out, r))
+            self.scaling = alpha / r
+            self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.r and not self.merged:
+            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return y
+
+    def delta(self):
+        return self.scaling * self.lora_B @ self.lora_A
+
+    @torch.no_grad()
+    def merge(self, on=True):
+        """Fold the LoRA update into (on=True) or out of (on=False) the base weight."""
+        if self.r and self.merged != on:
+            self.weight += self.delta() if on else -self.delta()
+            self.merged = on
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter x + up(act(down(x))). up starts at zero, so a fresh adapter is the identity."""
+
+    def __init__(self, dim, size, act):
+        super().__init__()
+        self.down, self.up, self.act = nn.Linear(dim, size), nn.Linear(size, dim), ACTS[act]
+
+    def forward(self, x):
+        return x + self.up(self.act(self.down(x)))
+
+
+# Our module names inside a layer -> Hugging Face's, under roberta.encoder.layer.{i}.
+LAYER_NAMES = {
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm",
+}
+EMBEDDING_NAMES = {"word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm"}
+
+
+class Layer(nn.Module):
+    """Post-LayerNorm transformer block; Houlsby adapters sit after attention and FFN, Pfeiffer after FFN only."""
+
+    def __init__(self, cfg, peft):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        lora = peft is not None and peft.method == "lora"
+
+        def linear(name, n_in, n_out):
+            if lora and name in peft.lora_targets:
+                return Linear(n_in, n_out, peft.lora_r, peft.lora_alpha, peft.lora_dropout)
+            return Linear(n_in, n_out)
+
+        self.n_heads, self.p_attn = cfg.num_attention_heads, cfg.attention_probs_dropout_prob
+        self.query, self.key, self.value = (linear(n, H, H) for n in ("query", "key", "value"))
+        self.attn_out, self.attn_norm = linear("attn_out", H, H), nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.ffn_in, self.ffn_out = linear("ffn_in", H, I), linear("ffn_out", I, H)
+        self.ffn_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        method = peft.method if peft else None
+        adapter = lambda on: Adapter(H, peft.adapter_size, peft.adapter_act) if on else nn.Identity()
+        self.adapter_attn = adapter(method == "houlsby")
+        self.adapter_ffn = adapter(method in ("houlsby", "pfeiffer"))
+
+    def forward(self, x, mask):
+        B, S, H = x.shape
+        q, k, v = (p(x).view(B, S, self.n_heads, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_attn if self.training else 0.0)
+        a = a.transpose(1, 2).reshape(B, S, H)
+        x = self.attn_norm(x + self.adapter_attn(self.dropout(self.attn_out(a))))
+        h = self.ffn_out(F.gelu(self.ffn_in(x)))
+        return self.ffn_norm(x + self.adapter_ffn(self.dropout(h)))
+
+
+class Encoder(nn.Module):
+    """Embeddings (RoBERTa position ids) + layers; returns the last hidden state [batch, seq, hidden]."""
+
+    def __init__(self, cfg, peft=None):
+        super().__init__()
+        H, pad = cfg.hidden_size, cfg.pad_token_id
+        self.pad = pad
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, H, padding_idx=pad)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H, padding_idx=pad)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, H)
+        self.LayerNorm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.layers = nn.ModuleList(Layer(cfg, peft) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, input_ids, attention_mask=None):
+        real = input_ids.ne(self.pad)
+        positions = torch.cumsum(real, 1) * real + self.pad  # counted from pad+1 over non-pad tokens
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        x = self.dropout(self.LayerNorm(x))
+        mask = (real if attention_mask is None else attention_mask.bool())[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class LMHead(nn.Module):
+    """Hugging Face's MLM head; the decoder is tied to the word embeddings, so it is passed in, not stored."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H = cfg.hidden_size
+        self.dense, self.layer_norm = nn.Linear(H, H), nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h, embedding):
+        return F.linear(self.layer_norm(F.gelu(self.dense(h))), embedding, self.bias)
+
+
+class Model(nn.Module):
+    """XLM-R encoder with a token-classification head (labels) and optionally the MLM head."""
+
+    def __init__(self, cfg, labels=(), peft=None, mlm=False):
+        super().__init__()
+        self.cfg, self.labels, self.peft = cfg, list(labels), peft
+        self.encoder = Encoder(cfg, peft)
+        p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(cfg.hidden_size, len(self.labels)) if self.labels else None
+        self.lm_head = LMHead(cfg) if mlm else None
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                init_(name, p, cfg.initializer_range)
+            for emb in (self.encoder.word_embeddings, self.encoder.position_embeddings):
+                emb.weight[cfg.pad_token_id].zero_()
+
+    def forward(self, input_ids, attention_mask=None):
+        """Token-classification logits [batch, seq, num_labels]."""
+        return self.classifier(self.dropout(self.encoder(input_ids, attention_mask)))
+
+    def mlm_logits(self, input_ids, attention_mask=None):
+        """Masked-LM logits [batch, seq, vocab]."""
+        return self.lm_head(self.encoder(input_ids, attention_mask), self.encoder.word_embeddings.weight)
+
+    def merge_peft(self, on=True):
+        """Fold LoRA into the base weights (on=True) or back out. Adapters are non-linear and cannot be merged."""
+        if self.peft and self.peft.method != "lora":
+            raise ValueError(f"{self.peft.method} adapters cannot be merged into the base weights")
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.merge(on)
+
+    def hf_state_dict(self, merge_peft=False):
+        """Base + head tensors under Hugging Face's key names (LoRA folded in if merge_peft)."""
+        out = {}
+        for name, p in self.named_parameters():
+            if is_peft(name):
+                continue
+            t = p.detach()
+            if merge_peft and name.endswith(".weight"):
+                m = self.get_submodule(name[: -len(".weight")])
+                if isinstance(m, Linear) and m.r and not m.merged:
+                    t = t + m.delta().detach()
+            out[hf_key(name)] = t.contiguous()
+        return out
+
+    def save_pretrained(self, path, merge_peft=False):
+        """Write config.json + model.safetensors in the XLMRobertaForTokenClassification (or ForMaskedLM) layout,
+        and the PEFT parameters with their config in peft.safetensors unless they are merged in. Atomic writes."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if merge_peft and self.peft and self.peft.method != "lora":
+            raise ValueError(f"{self.peft.method} adapters cannot be merged into the base weights")
+        arch = "XLMRobertaForTokenClassification" if self.classifier is not None else "XLMRobertaForMaskedLM"
+        config = {**asdict(self.cfg), "architectures": [arch], "model_type": "xlm-roberta",
+                  "bos_token_id": 0, "eos_token_id": 2, "position_embedding_type": "absolute"}
+        if self.labels:
+            config["id2label"] = dict(enumerate(self.labels))
+            config["label2id"] = {l: i for i, l in enumerate(self.labels)}
+        atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+        state = self.hf_state_dict(merge_peft)
+        atomic_write(path / "model.safetensors", lambda f: save_file(state, f, metadata={"format": "pt"}))
+        peft_file = path / PEFT_FILE
+        if self.peft and not merge_peft:
+            phi = {n: p.detach().contiguous() for n, p in self.named_parameters() if is_peft(n)}
+            meta = {"format": "pt", "peft_config": json.dumps(asdict(self.peft))}
+            atomic_write(peft_file, lambda f: save_file(phi, f, metadata=meta))
+        elif peft_file.exists():
+            peft_file.unlink()
+
+
+PEFT_FILE = "peft.safetensors"
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over path: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def hf_key(name):
+    """Our parameter name -> Hugging Face's key (encoder.layers.3.query.weight -> roberta.encoder.layer.3....)."""
+    module, _, leaf = name.rpartition(".")
+    parts = module.split(".")
+    if parts[0] != "encoder":
+        return name  # classifier.* and lm_head.* are named as in Hugging Face
+    if parts[1] == "layers":
+        return f"roberta.encoder.layer.{parts[2]}.{LAYER_NAMES[parts[3]]}.{leaf}"
+    return f"roberta.embeddings.{parts[1]}.{leaf}"
+
+
+def theta_phi(model):
+    """Split parameters into dicts for torch.func.functional_call: theta (base) and phi (PEFT + head)."""
+    theta, phi = {}, {}
+    for name, p in model.named_parameters():
+        (phi if is_peft(name) or is_head(name) else theta)[name] = p
+    return theta, phi
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match the model it is loaded into."""
+
+
+def _weight_files(path):
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _file_key(key):
+    """Normalise a checkpoint key to Hugging Face's ForTokenClassification names; None for keys we ignore."""
+    if key.endswith("position_ids") or key.startswith(("pooler.", "roberta.pooler.", "lm_head.decoder.")):
+        return None  # buffers, the unused pooler, and the decoder tied to the embeddings / lm_head.bias
+    if key.startswith(("roberta.", "classifier.", "lm_head.")):
+        return key
+    return "roberta." + key
+
+
+def load_pretrained(path, labels=None, num_labels=None, peft=None, mlm=False):
+    """Load a Hugging Face XLM-R checkpoint directory (config.json + model.safetensors or a sharded index).
+
+    labels (or num_labels) size the token-classification head, loaded from classifier.* when the checkpoint
+    has one for the same labels and freshly initialised otherwise; with neither, the checkpoint's own head
+    (if any) and id2label are used. peft adds fresh PEFT parameters (load_peft loads saved ones).
+    mlm=True loads the MLM head. Tensors are copied one at a time into the model, so only one full copy
+    of the weights is ever held.
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: no config.json")
+    cfg = Config.from_json(path / "config.json")
+    id2label = json.loads((path / "config.json").read_text()).get("id2label") or {}
+    saved = [id2label[str(i)] for i in range(len(id2label))]
+    index = {}  # Hugging Face key -> (file, key as stored, shape)
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            index.update({k: (file, key, tuple(f.get_slice(key).get_shape())) for key in f.keys() if (k := _file_key(key))})
+    if not labels and not num_labels and "classifier.weight" in index:
+        num_labels = index["classifier.weight"][2][0]
+        labels = saved if len(saved) == num_labels else None
+    labels = list(labels) if labels else [f"LABEL_{i}" for i in range(num_labels or 0)]
+    model = Model(cfg, labels, peft, mlm)
+    want = {hf_key(n): p for n, p in model.named_parameters() if not is_peft(n)}
+    if not (saved in ([], labels) and "classifier.weight" in index
+            and index["classifier.weight"][2] == tuple(want.get("classifier.weight", torch.empty(0)).shape)):
+        index = {k: v for k, v in index.items() if not k.startswith("classifier.")}  # a head for other labels
+    if not mlm:
+        index = {k: v for k, v in index.items() if not k.startswith("lm_head.")}
+    missing = [k for k in want if k not in index and not k.startswith("classifier.")]
+    unexpected = [key for k, (_, key, _) in index.items() if k not in want]
+    wrong = [f"{key} {shape} (expected {tuple(want[k].shape)})"
+             for k, (_, key, shape) in index.items() if k in want and shape != tuple(want[k].shape)]
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
+        if keys:
+            more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+            raise CheckpointError(f"{path}: {what} tensor(s): {', '.join(keys[:10])}{more}")
+    for file in {file for file, _, _ in index.values()}:
+        with safe_open(str(file), framework="pt") as f, torch.no_grad():
+            for k, (in_file, key, _) in index.items():
+                if in_file == file:
+                    want[k].copy_(f.get_tensor(key))
+    return model
+
+
+def load_peft(model, path):
+    """Load saved PEFT parameters (peft.safetensors in a checkpoint directory) into a model with the same PEFT config."""
+    file = Path(path) / PEFT_FILE
+    with safe_open(str(file), framework="pt") as f:
+        saved = PeftConfig(**json.loads(f.metadata()["peft_config"]))
+        if saved != model.peft:
+            raise CheckpointError(f"{file}: PEFT config {saved} does not match the model's {model.peft}")
+        want = {n: p for n, p in model.named_parameters() if is_peft(n)}
+        if set(f.keys()) != set(want):
+            raise CheckpointError(f"{file}: PEFT tensors differ from the model's: {sorted(set(f.keys()) ^ set(want))[:10]}")
+        with torch.no_grad():
+            for k in f.keys():
+                want[k].copy_(f.get_tensor(k))
+    return model
