@@ -5,6 +5,7 @@ Pipeline: read_split() -> list[Sentence] -> encode() -> list[Example]
 -> batches() / episodes() -> model -> word_predictions() -> entity_f1().
 """
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -174,6 +175,7 @@ def train_tokenizer(texts, vocab_size=8000) -> Tokenizer:
     tok.decoder = decoders.Metaspace(replacement="▁")
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
                                       unk_token="<unk>", show_progress=False)
+    # Not bit-reproducible: tokenizers' Unigram trainer breaks frequency ties in hash order between runs.
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens(["<mask>"])  # appended after the learnt vocab, as in XLM-R
     tok.post_processor = processors.TemplateProcessing(
@@ -378,3 +380,506 @@ def entity_f1(gold, pred) -> dict:
 def macro_average(per_lang) -> float:
     """Mean F1 over languages, given {lang: entity_f1(...) result}."""
     return sum(r["f1"] for r in per_lang.values()) / len(per_lang) if per_lang else 0.0
+
+
+# ----------------------------------------------------------------------------- synthetic testbed
+# A small multilingual world in which the whole method runs on a laptop CPU (no real data can be downloaded).
+# A shared interlingua of concepts and clause templates is rendered into several pseudo-languages (own
+# lexicon from a language-specific syllable inventory, three scripts, SVO/V2/SOV, prepositions/postpositions/
+# suffixes, articles, noun capitalisation). Entity names are shared between the Latin-script languages and
+# transliterated into Cyrillic / katakana. The unlabeled corpus mixes monolingual text with parallel pairs and
+# code-switched sentences (the alignment anchors of real multilingual models). Deterministic given the seed.
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    languages: tuple = ("en", "de", "ru", "tr", "ja", "es", "el")  # the first is the source
+    priming_only: tuple = ("es", "el")  # train split only: the query languages of priming, never evaluated
+    n_unlabeled: int = 3000          # monolingual unlabeled sentences per language
+    n_parallel: int = 600            # en-X parallel lines per target language
+    n_codeswitch: int = 400          # code-switched lines per language
+    n_train: int = 1000
+    n_dev: int = 200
+    n_test: int = 300
+    n_nouns: int = 150
+    n_adjs: int = 50
+    n_advs: int = 20
+    verbs_per_class: int = 3
+    n_first: int = 300               # first-name pool
+    n_last: int = 400                # last-name pool
+    n_loc: int = 300                 # place-name stems
+    n_org: int = 200                 # organisation stems
+    n_shared: int = 60               # names usable both as last name and place
+    n_wordnames: int = 25            # names that are also common (en) words
+    p_fragment: float = 0.2          # context-free fragments ("X", "X , Y", "X ( Y )")
+    p_two_clauses: float = 0.25
+    p_title: float = 0.25
+    p_exonym: float = 0.15           # place names with language-specific forms
+    p_keep_latin: float = 0.1        # entities left untransliterated in non-Latin scripts
+    p_codeswitch_word: float = 0.35
+    label_noise: float = 0.02        # silver-standard noise in labeled splits
+
+
+# ----------------------------------------------------------------------------- languages
+
+_LANG = {
+    # script, word order, adpositions, articles, capitalise common nouns
+    "en": dict(script="latin", order="SVO", adp="pre", art="en", capn=False),
+    "de": dict(script="latin", order="V2", adp="pre", art="de", capn=True),
+    "ru": dict(script="cyrl", order="SVO", adp="pre", art=None, capn=False),
+    "tr": dict(script="latin", order="SOV", adp="suffix", art="tr", capn=False),
+    "ja": dict(script="kana", order="SOV", adp="post", art=None, capn=False),
+    "es": dict(script="latin", order="SVO", adp="pre", art="en", capn=False),
+    "el": dict(script="grek", order="SVO", adp="pre", art="en", capn=False),
+    "hi": dict(script="kana", order="SOV", adp="post", art=None, capn=False),
+}
+_HIRA = list("あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめも"
+             "らりるれろがぎぐげござじずぜぞだでどばびぶべぼやゆよわ")
+_SYL = {
+    "en": (["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
+            "w", "th", "sh", "ch", "br", "st", "tr", "pl", "gr", ""],
+           ["a", "e", "i", "o", "u", "ea", "oo", "ai"],
+           ["", "", "n", "r", "s", "t", "ll", "ck", "nd", "ng"]),
+    "de": (["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "w", "z", "sch",
+            "st", "pf", "kr", "gr", ""],
+           ["a", "e", "i", "o", "u", "ä", "ö", "ü", "ei", "au", "ie"],
+           ["", "n", "r", "ch", "t", "ß", "ng", "rt", "lz", "ck"]),
+    "tr": (["b", "c", "ç", "d", "g", "h", "k", "l", "m", "n", "p", "r", "s", "ş", "t", "y",
+            "z", ""],
+           ["a", "e", "ı", "i", "o", "ö", "u", "ü"],
+           ["", "", "r", "n", "k", "m", "l", "ş", "z"]),
+    "ru": (["б", "в", "г", "д", "ж", "з", "к", "л", "м", "н", "п", "р", "с", "т", "ф", "х",
+            "ц", "ч", "ш", "ст", "пр", "кр", ""],
+           ["а", "е", "и", "о", "у", "ы", "я", "ю"],
+           ["", "", "в", "й", "н", "р", "л", "сть", "к"]),
+    "es": (["b", "c", "d", "f", "g", "l", "m", "n", "p", "r", "s", "t", "v", "ll", "ch", ""],
+           ["a", "e", "i", "o", "u", "ue", "ie"], ["", "", "n", "s", "r", "l"]),
+    "el": (["β", "γ", "δ", "ζ", "θ", "κ", "λ", "μ", "ν", "ξ", "π", "ρ", "σ", "τ", "φ", "χ", ""],
+           ["α", "ε", "η", "ι", "ο", "υ", "ω", "ου"], ["", "", "ς", "ν", "ρ"]),
+}
+_NAME_SYL = (["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
+              "w", "z", "br", "cl", "dr", "fr", "gr", "kr", "st", "tr", ""],
+             ["a", "e", "i", "o", "u", "a", "e", "o", "ia", "ai"],
+             ["", "", "", "n", "r", "s", "l", "m", "nt", "rd"])
+_CYR = dict(zip("abcdefghijklmnopqrstuvwxyz",
+                "а б к д е ф г х и дж к л м н о п к р с т у в в кс й з".split()))
+_GRK = dict(zip("abcdefghijklmnopqrstuvwxyz",
+                "α μπ κ ντ ε φ γ χ ι τζ κ λ μ ν ο π κ ρ σ τ ου β ου ξ ι ζ".split()))
+_KANA_ROWS = {"": "アイウエオ", "k": "カキクケコ", "s": "サシスセソ", "t": "タチツテト",
+              "n": "ナニヌネノ", "h": "ハヒフヘホ", "m": "マミムメモ", "y": "ヤイユエヨ",
+              "r": "ラリルレロ", "w": "ワイウエヲ", "g": "ガギグゲゴ", "z": "ザジズゼゾ",
+              "d": "ダヂヅデド", "b": "バビブベボ", "p": "パピプペポ"}
+_KANA_C = {"c": "k", "l": "r", "v": "b", "f": "h", "j": "z", "q": "k", "x": "k"}
+
+# verb classes: (name, subject types, object types or None, [(prep, types, prob)], p_year)
+_VERBS = [
+    ("born", ["PER"], None, [("in", ["LOC"], 1.0)], 0.6),
+    ("work", ["PER"], None, [("at", ["ORG"], 1.0)], 0.1),
+    ("play", ["PER"], None, [("for", ["ORG"], 1.0)], 0.2),
+    ("visit", ["PER", "ORG"], ["LOC"], [], 0.2),
+    ("found", ["PER"], ["ORG"], [("in", ["LOC"], 0.4)], 0.4),
+    ("lead", ["PER"], ["ORG", "LOC"], [], 0.1),
+    ("meet", ["PER"], ["PER"], [("in", ["LOC"], 0.5)], 0.1),
+    ("acquire", ["ORG"], ["ORG"], [], 0.3),
+    ("locate", ["ORG", "LOC"], None, [("in", ["LOC"], 1.0)], 0.0),
+    ("flow", ["LOC"], None, [("through", ["LOC"], 1.0)], 0.0),
+    ("announce", ["PER", "ORG"], ["N"], [], 0.2),
+    ("win", ["PER", "ORG"], ["N"], [("in", ["LOC"], 0.3)], 0.3),
+    ("move", ["PER", "ORG"], None, [("from", ["LOC"], 0.6), ("to", ["LOC"], 1.0)], 0.2),
+    ("gen1", ["PER", "ORG", "LOC", "N"], ["N", "PER", "ORG", "LOC"], [("with", ["PER", "ORG", "N"], 0.3)], 0.1),
+    ("gen2", ["PER", "ORG", "LOC", "N"], ["N", "PER", "ORG", "LOC"], [("near", ["LOC", "N"], 0.2)], 0.1),
+    ("describe", ["N"], ["PER", "ORG", "LOC"], [("by", ["PER", "ORG"], 0.3)], 0.1),
+]
+_PREPS = ["in", "at", "for", "with", "from", "to", "through", "near", "of", "by"]
+_FUNC = ["and", "also", "subj", "obj", "def", "indef", "def_m", "def_f", "def_n",
+         "indef_m", "indef_f", "indef_n"]
+# nouns 0..4 double as place suffixes (river, lake, ...), 5..14 as organisation suffixes
+# (bank, group, university, ...), 15..22 as person titles (president, doctor, ...);
+# adjective 0 ("new") doubles as a place prefix ("New X").
+_LOCSUF, _ORGSUF, _TITLES = range(0, 5), range(5, 15), range(15, 23)
+_PUNCT = {"kana": ("。", "、"), "grek": (".", ",")}
+
+
+def _word(rng, inv, nsyl):
+    on, nu, co = inv
+    return "".join(rng.choice(on) + rng.choice(nu) + (rng.choice(co) if i == nsyl - 1 or rng.random() < .2 else "")
+                   for i in range(nsyl))
+
+
+def _kana_word(rng, nsyl):
+    w = "".join(rng.choice(_HIRA) for _ in range(nsyl))
+    return w + ("ん" if rng.random() < .2 else "")
+
+
+def _translit(name, script):
+    """Deterministic transliteration of an ASCII Latin name into another script."""
+    if script == "latin":
+        return name
+    if script in ("cyrl", "grek"):
+        table = _CYR if script == "cyrl" else _GRK
+        out = "".join(table.get(c.lower(), c) for c in name)
+        return out.upper() if name.isupper() and len(name) > 1 else out[:1].upper() + out[1:]
+    if name.isupper():                         # acronyms stay Latin in kana languages
+        return name
+    s, out, i = name.lower(), [], 0
+    while i < len(s):
+        c = s[i]
+        if c in "aiueo":
+            out.append(_KANA_ROWS[""]["aiueo".index(c)]); i += 1
+            continue
+        row = _KANA_C.get(c, c)
+        if c == "x":
+            out.append("ク"); row = "s"
+        if row not in _KANA_ROWS:
+            i += 1
+            continue
+        if i + 1 < len(s) and s[i + 1] in "aiueo":
+            out.append(_KANA_ROWS[row]["aiueo".index(s[i + 1])]); i += 2
+        else:
+            out.append("ン" if row == "n" else _KANA_ROWS[row][4 if row in "td" else 2]); i += 1
+    return "".join(out)
+
+
+def _mutate(name, rng):
+    """A variant spelling (exonym) of a place name."""
+    v = "aeiou"
+    idx = [i for i, c in enumerate(name) if c in v]
+    if idx and rng.random() < .6:
+        i = rng.choice(idx)
+        return name[:i] + rng.choice([x for x in v if x != name[i]]) + name[i + 1:]
+    return name + rng.choice(["en", "ia", "o", "a", "ie"])
+
+
+# ----------------------------------------------------------------------------- world
+
+
+def _build_world(cfg):
+    rng = random.Random(f"world-{cfg.seed}")
+    concepts = ([f"N{i}" for i in range(cfg.n_nouns)] + [f"A{i}" for i in range(cfg.n_adjs)]
+                + [f"R{i}" for i in range(cfg.n_advs)]
+                + [f"V_{v[0]}_{k}" for v in _VERBS for k in range(cfg.verbs_per_class)]
+                + [f"P_{p}" for p in _PREPS] + [f"F_{f}" for f in _FUNC])
+    lex, gender = {}, {}
+    for lang in cfg.languages:
+        spec = _LANG[lang]
+        lr = random.Random(f"lex-{cfg.seed}-{lang}")
+        inv = _SYL.get(lang, _SYL["en"])
+        used, lx = set(), {}
+        for c in concepts:
+            short = c[0] in "PF"
+            for _ in range(1000):
+                n = (lr.choice([1, 1, 2]) if short else lr.choice([1, 2, 2, 3])) + (spec["script"] == "kana")
+                w = _kana_word(lr, n) if spec["script"] == "kana" else _word(lr, inv, n)
+                if w not in used:
+                    break
+            used.add(w)
+            lx[c] = w
+        if spec["capn"]:
+            for c in concepts:
+                if c[0] == "N":
+                    lx[c] = lx[c][:1].upper() + lx[c][1:]
+        lex[lang] = lx
+        gender[lang] = {f"N{i}": lr.choice("mfn") for i in range(cfg.n_nouns)}
+
+    def names(n, tag, nsyl=(2, 3)):
+        out, seen = [], set()
+        while len(out) < n:
+            w = _word(rng, _NAME_SYL, rng.choice(nsyl)).capitalize()
+            if len(w) >= 3 and w not in seen and w not in taken:
+                seen.add(w); taken.add(w); out.append(w)
+        return out
+    taken = set()
+    pools = {"first": names(cfg.n_first, "f"), "last": names(cfg.n_last, "l"),
+             "loc": names(cfg.n_loc, "p"), "org": names(cfg.n_org, "o", (1, 2, 3)),
+             "shared": names(cfg.n_shared, "s")}
+    src = cfg.languages[0]
+    pools["word"] = [lex[src][f"N{i}"].capitalize()
+                     for i in rng.sample(range(23, cfg.n_nouns), cfg.n_wordnames)]
+    pools["loc2"] = [f"{rng.choice(pools['loc'])} {rng.choice(pools['loc'])}" for _ in range(30)]
+    exo = {}
+    for nm in pools["loc"]:
+        if rng.random() < cfg.p_exonym:
+            for lang in cfg.languages[1:]:
+                if rng.random() < .6:
+                    exo[(lang, nm)] = _mutate(nm, rng)
+    return dict(lex=lex, gender=gender, pools=pools, exo=exo, p_latin=cfg.p_keep_latin)
+
+
+def _name(world, lang, nm):
+    nm = world["exo"].get((lang, nm), nm)
+    return _translit(nm, _LANG[lang]["script"])
+
+
+# ----------------------------------------------------------------------------- abstract sentences
+
+
+def _entity(rng, world, typ):
+    P = world["pools"]
+    r = rng.random()
+    if typ == "PER":
+        if r < .5:
+            parts = [("nm", rng.choice(P["first"])), ("nm", rng.choice(P["last"]))]
+        elif r < .7:
+            parts = [("nm", rng.choice(P["last"]))]
+        elif r < .8:
+            parts = [("nm", rng.choice(P["first"]))]
+        elif r < .9:
+            parts = [("nm", rng.choice(P["first"])), ("nm", rng.choice(P["shared"] + P["word"]))]
+        else:
+            parts = [("nm", rng.choice(P["first"])), ("nm", rng.choice(P["first"])),
+                     ("nm", rng.choice(P["last"]))]
+    elif typ == "ORG":
+        suf = ("w", f"N{rng.choice(_ORGSUF)}")
+        if r < .3:
+            parts = [("nm", rng.choice(P["org"])), suf]
+        elif r < .45:
+            parts = [("nm", rng.choice(P["loc"] + P["shared"])), suf]
+        elif r < .55:
+            parts = [("nm", rng.choice(P["last"])), suf]
+        elif r < .7:
+            parts = [("nm", "".join(rng.choice("ABCDEFGHIKLMNOPRSTUV") for _ in range(rng.choice([2, 3, 3, 4]))))]
+        elif r < .9:
+            parts = [("nm", rng.choice(P["org"]))]
+        else:
+            parts = [("nm", rng.choice(P["word"]))] + ([suf] if rng.random() < .5 else [])
+    else:
+        if r < .45:
+            parts = [("nm", rng.choice(P["loc"]))]
+        elif r < .6:
+            parts = [("w", "A0"), ("nm", rng.choice(P["loc"]))]
+        elif r < .75:
+            parts = [("nm", rng.choice(P["loc"])), ("w", f"N{rng.choice(_LOCSUF)}")]
+        elif r < .87:
+            parts = [("nm", rng.choice(P["shared"]))]
+        else:
+            parts = [("nm", n) for n in rng.choice(P["loc2"]).split()]
+    return dict(kind="ent", type=typ, label=typ, parts=parts, latin=rng.random() < world["p_latin"])
+
+
+def _np(rng, world, cfg, typ, depth=0):
+    if typ != "N":
+        e = _entity(rng, world, typ)
+        if typ == "PER" and rng.random() < cfg.p_title:
+            e["title"] = f"N{rng.choice(_TITLES)}"
+        if depth == 0 and rng.random() < .06:
+            e["appos"] = _np(rng, world, cfg, "N", depth=1)
+        return e
+    np = dict(kind="np", noun=f"N{rng.randrange(cfg.n_nouns)}", det=rng.choice(["def", "indef", None]),
+              adj=f"A{rng.randrange(cfg.n_adjs)}" if rng.random() < .35 else None)
+    if depth == 0 and rng.random() < .3 or depth == 1:
+        np["gen"] = _np(rng, world, cfg, rng.choice(["PER", "ORG", "LOC"]), depth + 1)
+    return np
+
+
+def _clause(rng, world, cfg):
+    vi = rng.randrange(len(_VERBS))
+    name, st, ot, pps, py = _VERBS[vi]
+    c = dict(verb=f"V_{name}_{rng.randrange(cfg.verbs_per_class)}",
+             subj=_np(rng, world, cfg, rng.choice(st)),
+             obj=_np(rng, world, cfg, rng.choice(ot)) if ot else None, pps=[],
+             adv=f"R{rng.randrange(cfg.n_advs)}" if rng.random() < .2 else None)
+    for p, ts, pr in pps:
+        if rng.random() < pr:
+            c["pps"].append((p, _np(rng, world, cfg, rng.choice(ts))))
+    if rng.random() < py:
+        c["pps"].append(("in", dict(kind="num", text=str(rng.randint(1850, 2020)))))
+    return c
+
+
+def _sentence(rng, world, cfg, noise=0.0):
+    if rng.random() < cfg.p_fragment:
+        r = rng.random()
+        ts = ["PER", "ORG", "LOC"]
+        if r < .45:
+            s = dict(kind="frag", items=[_entity(rng, world, rng.choice(ts))], form="one")
+        elif r < .7:
+            s = dict(kind="frag", items=[_entity(rng, world, rng.choice(ts)) for _ in range(2)], form="comma")
+        elif r < .85:
+            s = dict(kind="frag", items=[_entity(rng, world, rng.choice(ts)) for _ in range(2)], form="paren")
+        else:
+            s = dict(kind="frag", items=[_np(rng, world, cfg, "N", 1)], form="one")
+    else:
+        s = dict(kind="sent", clauses=[_clause(rng, world, cfg)])
+        if rng.random() < cfg.p_two_clauses:
+            s["clauses"].append(_clause(rng, world, cfg))
+    if noise:
+        _add_noise(s, rng, noise)
+    return s
+
+
+def _add_noise(node, rng, p):
+    if isinstance(node, dict):
+        if node.get("kind") == "ent" and rng.random() < p:
+            node["label"] = rng.choice([t for t in ("PER", "ORG", "LOC", "O") if t != node["type"]])
+        for k in sorted(node):
+            _add_noise(node[k], rng, p)
+    elif isinstance(node, (list, tuple)):
+        for x in node:
+            _add_noise(x, rng, p)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+class _R:
+    """Renders abstract sentences into one language (optionally code-switched)."""
+
+    def __init__(self, world, lang, cs_lang=None, p_cs=0.0, rng=None):
+        self.w, self.lang, self.spec = world, lang, _LANG[lang]
+        self.cs, self.p_cs, self.rng = cs_lang, p_cs, rng
+
+    def _lx(self, c):
+        lang = self.cs if self.cs and self.rng.random() < self.p_cs else self.lang
+        return self.w["lex"][lang][c]
+
+    def _nm(self, nm, latin=False):
+        lang = self.cs if self.cs and self.rng.random() < self.p_cs else self.lang
+        return nm if latin else _name(self.w, lang, nm)
+
+    def ent(self, e):
+        toks = []
+        for k, v in e["parts"]:
+            if k == "nm":
+                toks.extend(self._nm(v, e["latin"]).split())
+            else:
+                toks.append(self._lx(v))
+        if self.lang == "ru" and e["parts"][-1][0] == "w" and e["type"] == "LOC":
+            toks = toks[-1:] + toks[:-1]               # "река X" instead of "X River"
+        if self.spec["script"] != "kana":
+            toks = [t[:1].upper() + t[1:] for t in toks]
+        lab = e["label"]
+        out = [(t, "O" if lab == "O" else ("B-" if i == 0 else "I-") + lab) for i, t in enumerate(toks)]
+        if "title" in e:
+            t = (self._lx(e["title"]), "O")
+            out = out + [t] if self.spec["order"] == "SOV" else [t] + out
+        if "appos" in e:
+            out = out + [(_PUNCT.get(self.spec["script"], (".", ","))[1], "O")] + self.np(e["appos"]) \
+                + [(_PUNCT.get(self.spec["script"], (".", ","))[1], "O")]
+        return out
+
+    def np(self, n):
+        if n["kind"] == "ent":
+            return self.ent(n)
+        if n["kind"] == "num":
+            return [(n["text"], "O")]
+        art, out = self.spec["art"], []
+        if n["det"] and art == "en":
+            out.append((self._lx("F_" + n["det"]), "O"))
+        elif n["det"] and art == "de":
+            out.append((self._lx(f"F_{n['det']}_{self.w['gender'][self.lang][n['noun']]}"), "O"))
+        elif n["det"] == "indef" and art == "tr":
+            out.append((self._lx("F_indef"), "O"))
+        if n["adj"]:
+            out.append((self._lx(n["adj"]), "O"))
+        out.append((self._lx(n["noun"]), "O"))
+        if "gen" in n:
+            g = self.np(n["gen"])
+            if self.spec["adp"] == "pre":
+                out = out + [(self._lx("P_of"), "O")] + g
+            else:
+                out = self.pp("of", g) + out
+        return out
+
+    def pp(self, p, toks):
+        w = self._lx("P_" + p)
+        if self.spec["adp"] == "pre":
+            return [(w, "O")] + toks
+        if self.spec["adp"] == "post":
+            return toks + [(w, "O")]
+        return self._suffix(toks, w)                   # Turkish-style suffix: "Ankara'da"
+
+    def _suffix(self, toks, w):
+        i = max(j for j, (t, _) in enumerate(toks) if t not in ",、()" or j == 0)
+        t, tag = toks[i]
+        sep = "'" if tag != "O" or t[:1].isupper() or t.isdigit() else ""
+        return toks[:i] + [(t + sep + w, tag)] + toks[i + 1:]
+
+    def clause(self, c):
+        S = self.np(c["subj"])
+        V = [(self._lx(c["verb"]), "O")]
+        O = self.np(c["obj"]) if c["obj"] else []
+        PP = [t for p, n in c["pps"] for t in self.pp(p, self.np(n))]
+        A = [(self._lx(c["adv"]), "O")] if c["adv"] else []
+        o = self.spec["order"]
+        if o == "SOV":
+            if self.lang == "ja":
+                S = S + [(self._lx("F_subj"), "O")]
+                O = O + [(self._lx("F_obj"), "O")] if O else O
+            elif O:
+                O = self._suffix(O, self._lx("F_obj"))
+            return A + S + PP + O + V
+        if o == "V2" and A:
+            return A + V + S + O + PP
+        return S + V + O + PP + A
+
+    def render(self, s):
+        end, comma = _PUNCT.get(self.spec["script"], (".", ","))
+        if s["kind"] == "frag":
+            items = [self.np(x) for x in s["items"]]
+            if s["form"] == "one":
+                return items[0]
+            if s["form"] == "comma":
+                return items[0] + [(comma, "O")] + items[1]
+            return items[0] + [("(", "O")] + items[1] + [(")", "O")]
+        out = []
+        for i, c in enumerate(s["clauses"]):
+            if i:
+                out += [(comma, "O"), (self._lx("F_and"), "O")]
+            out += self.clause(c)
+        out.append((end, "O"))
+        t, tag = out[0]
+        if self.spec["script"] != "kana":
+            out[0] = (t[:1].upper() + t[1:], tag)
+        return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def make_world(out_dir, cfg=None):
+    """Write {train,dev,test}-{lang}.tsv (PAN-X format) and unlabeled.txt into out_dir."""
+    cfg = cfg or WorldConfig()
+    os.makedirs(out_dir, exist_ok=True)
+    world = _build_world(cfg)
+    for split, n in (("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)):
+        for lang in [l for l in cfg.languages if split == "train" or l not in cfg.priming_only]:
+            rng = random.Random(f"{split}-{cfg.seed}-{lang}")
+            r = _R(world, lang)
+            lines = []
+            for _ in range(n):
+                for t, tag in r.render(_sentence(rng, world, cfg, cfg.label_noise)):
+                    lines.append(f"{lang}:{t}\t{tag}\n")
+                lines.append("\n")
+            with open(os.path.join(out_dir, f"{split}-{lang}.tsv"), "w", encoding="utf-8", newline="\n") as f:
+                f.writelines(lines)
+    rng = random.Random(f"unlabeled-{cfg.seed}")
+    lines, src = [], cfg.languages[0]
+    line = lambda toks: " ".join(t for t, _ in toks)
+    for lang in cfg.languages:
+        r = _R(world, lang)
+        lines += [line(r.render(_sentence(rng, world, cfg))) for _ in range(cfg.n_unlabeled)]
+        others = [x for x in cfg.languages if x != lang]
+        for _ in range(cfg.n_codeswitch):
+            cs = _R(world, lang, rng.choice(others), cfg.p_codeswitch_word, rng)
+            lines.append(line(cs.render(_sentence(rng, world, cfg))))
+        if lang != src:
+            for _ in range(cfg.n_parallel):
+                s = _sentence(rng, world, cfg)
+                pair = [line(_R(world, src).render(s)), line(r.render(s))]
+                if rng.random() < .5:
+                    pair.reverse()
+                lines.append(" ".join(pair))
+    rng.shuffle(lines)
+    with open(os.path.join(out_dir, "unlabeled.txt"), "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(x + "\n" for x in lines)
+
+
+def write_tokenizer(out_dir, vocab_size=3000):
+    """Train the testbed's Unigram tokenizer on unlabeled.txt + all train files; save tokenizer.json."""
+    out_dir = Path(out_dir)
+    texts = [l for l in (out_dir / "unlabeled.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
+    for lang in languages(out_dir, "train"):
+        texts += [" ".join(s.words) for s in read_split(out_dir, "train", lang)]
+    tok = train_tokenizer(texts, vocab_size)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return tok

@@ -78,15 +78,15 @@ def ce_loss(model, params, batch):
 def task_loss(model, theta, phi0, support, query, cfg, inner_lrs=None):
     """L(Q; theta, phi_K) for one task, phi_K = K SGD steps on L(S; theta, .) from phi0 (all of theta+phi in maml
     mode). Differentiable w.r.t. theta, phi0 and inner_lrs; second order unless cfg.first_order."""
-    params = {**theta, **phi0}
-    names = [n for n in params if adapted(n, cfg)]
+    params = {**theta, **phi0}  # phi = phi0
+    inner = [n for n in params if adapted(n, cfg)]
+    alpha = inner_lrs or dict.fromkeys(inner, cfg.inner_lr)
     # Fused SDPA kernels have no double backward; only the support passes are differentiated twice.
     with nullcontext() if cfg.first_order else sdpa_kernel([SDPBackend.MATH]):
         for _ in range(cfg.inner_steps):
-            grads = torch.autograd.grad(ce_loss(model, params, support), [params[n] for n in names],
+            grads = torch.autograd.grad(ce_loss(model, params, support), [params[n] for n in inner],
                                         create_graph=not cfg.first_order)  # first order: grads come back detached
-            params = {**params, **{n: params[n] - (inner_lrs[n] if inner_lrs else cfg.inner_lr) * g
-                                   for n, g in zip(names, grads)}}
+            params |= {n: params[n] - alpha[n] * g for n, g in zip(inner, grads)}  # a new dict entry, not in place
     return ce_loss(model, params, query)
 
 
@@ -159,10 +159,10 @@ def step(loss, params, opt, sched, clip):
 def evaluate(model, examples, sentences, labels, pad_id, batch_size=32):
     """Entity-level precision/recall/F1 (data.entity_f1's dict) of the model's argmax tags on `examples`
     (data.encode of `sentences`) against the sentences' gold tags; labels[i] names label id i."""
-    training = model.training
+    training, device = model.training, next(model.parameters()).device
     model.eval()
     preds = [p for b in data.batches(examples, batch_size, pad_id)
-             for p in model(b["input_ids"], b["attention_mask"]).argmax(-1).tolist()]
+             for p in model(b["input_ids"].to(device), b["attention_mask"].to(device)).argmax(-1).tolist()]
     model.train(training)
     pred_tags = data.word_predictions(examples, preds, [len(s.words) for s in sentences], labels)
     return data.entity_f1([s.tags for s in sentences], pred_tags)
@@ -170,13 +170,15 @@ def evaluate(model, examples, sentences, labels, pad_id, batch_size=32):
 
 def mlm_loss(model, batch, mask_id, vocab_size, generator, prob=0.15):
     """BERT's masked-LM loss: pick `prob` of the tokens other than <s>, <pad>, </s> (ids 0-2); of those 80%
-    become <mask>, 10% a random token, 10% stay; cross-entropy on the picked ones. Random draws use `generator`."""
+    become <mask>, 10% a random token, 10% stay; cross-entropy on the picked ones. `generator` (a CPU
+    torch.Generator) alone decides the masking, whatever the batch's device."""
     ids = batch["input_ids"]
-    picked = (torch.rand(ids.shape, generator=generator) < prob) & (ids > 2)
-    how = torch.rand(ids.shape, generator=generator)
-    inputs = torch.where(picked & (how < 0.8), mask_id, ids)
-    inputs = torch.where(picked & (how >= 0.9), torch.randint(vocab_size, ids.shape, generator=generator), inputs)
+    u = torch.rand(2, *ids.shape, generator=generator).to(ids.device)
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator).to(ids.device)
+    picked = (u[0] < prob) & (ids > 2)
+    inputs = torch.where(picked & (u[1] < 0.8), mask_id, ids)
+    inputs = torch.where(picked & (u[1] >= 0.9), random_ids, inputs)
     logits = model.mlm_logits(inputs, batch["attention_mask"])
-    labels = torch.where(picked, ids, data.IGNORE).flatten()
-    # A short batch may pick no token at all: that is a zero loss, not the NaN of an empty mean.
-    return F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=data.IGNORE, reduction="sum") / picked.sum().clamp(min=1)
+    loss = F.cross_entropy(logits.flatten(0, 1), torch.where(picked, ids, data.IGNORE).flatten(),
+                           ignore_index=data.IGNORE, reduction="sum")
+    return loss / picked.sum().clamp(min=1)  # a short batch may pick nothing: a zero loss, not an empty mean's NaN

@@ -391,11 +391,22 @@ def load_pretrained(path, labels=None, num_labels=None, peft=None, mlm=False):
     return model
 
 
+def saved_peft_config(path):
+    """The PeftConfig stored with a checkpoint directory's peft.safetensors, or None if it has none."""
+    file = Path(path) / PEFT_FILE
+    if not file.exists():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        return PeftConfig(**json.loads(f.metadata()["peft_config"]))
+
+
 def load_peft(model, path):
     """Load saved PEFT parameters (peft.safetensors in a checkpoint directory) into a model with the same PEFT config."""
     file = Path(path) / PEFT_FILE
+    saved = saved_peft_config(path)
+    if saved is None:
+        raise CheckpointError(f"{file}: not found (this checkpoint has no saved PEFT parameters)")
     with safe_open(str(file), framework="pt") as f:
-        saved = PeftConfig(**json.loads(f.metadata()["peft_config"]))
         if saved != model.peft:
             raise CheckpointError(f"{file}: PEFT config {saved} does not match the model's {model.peft}")
         want = {n: p for n, p in model.named_parameters() if is_peft(n)}
