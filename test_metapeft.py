@@ -922,3 +922,20 @@ def test_train_bad_input_is_one_line(tiny_testbed, tmp_path, capsys):
     run_cli("--model", model, "--data", world, "--prime-langs", "de", "--eval-langs", "de,ru", "--prime-steps", 1,
             "--out", tmp_path / "overlap", *TINY_RUN)
     assert "priming languages ['de'] are also evaluated on" in capsys.readouterr().err
+
+
+def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    argv = ["--stage", "experiment", "--model", model, "--data", world, "--out", tmp_path / "x", "--seeds", 2,
+            "--methods", "none,prime", "--prime-steps", 2, "--finetune-steps", 2, *TINY_RUN]
+    assert run_cli(*argv) == 0
+    table = (tmp_path / "x" / "experiment.md").read_text()
+    summary = json.loads((tmp_path / "x" / "experiment.json").read_text())
+    assert set(summary) == {"none", "prime"} and set(summary["prime"]) == {"en", "de", "ja", "ru", "tr", "avg"}
+    scores = [json.loads((tmp_path / "x" / f"seed{s}" / "prime" / "results.json").read_text())["target_avg_f1"]
+              for s in (0, 1)]
+    assert summary["prime"]["avg"]["mean"] == pytest.approx(100 * sum(scores) / 2)
+    assert table.startswith("| method | en (source) |") and "| prime |" in table
+    mtime = (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime
+    assert run_cli(*argv) == 0  # finished cells are kept, not rerun
+    assert (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime == mtime

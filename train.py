@@ -6,7 +6,7 @@
     python train.py --stage experiment --preset quick  # none / multitask / maml / prime, several seeds
     python train.py --stage prime --model xlm-roberta-base/ --data panx/   # real checkpoint and PAN-X data
 
-Every run writes to its own folder: config.json (all resolved flags), metrics.jsonl, checkpoint.pt (resume
+Every run writes to its own folder: config.json (all resolved flags), metrics.jsonl, checkpoint-<stage>.pt (resume
 with --resume --out DIR) and its outputs. See README.md.
 """
 import argparse
@@ -45,16 +45,18 @@ class Progress:
     """One self-overwriting line on a terminal, a plain line every `every` steps in a log file."""
 
     def __init__(self, name, total, start):
-        self.name, self.total, self.start, self.t0 = name, total, start, time.time()
+        self.name, self.total, self.start, self.t0, self.tokens = name, total, start, time.time(), 0
         self.tty = sys.stderr.isatty()
         self.every = max(1, total // 20)
 
     def update(self, step, metrics):
-        done = step - self.start
-        rate = done / max(time.time() - self.t0, 1e-9)
+        seconds = max(time.time() - self.t0, 1e-9)
+        self.tokens += metrics.get("tokens", 0)
+        rate = (step - self.start) / seconds
         eta = (self.total - step) / rate if rate else 0
         items = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        line = f"{self.name} {step}/{self.total} {items} | {rate:.2f} it/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s"
+        line = (f"{self.name} {step}/{self.total} {items} | {self.tokens / seconds:.0f} tok/s "
+                f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
         if self.tty:
             print(f"\r{line[:shutil.get_terminal_size().columns - 1]}\033[K", end="" if step < self.total else "\n",
                   file=sys.stderr, flush=True)
@@ -91,6 +93,7 @@ def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, res
     """Run step_fn(step) -> metrics for steps [start, total): progress line, metrics.jsonl, and an atomic
     checkpoint (every tensor in `state`'s objects, RNG states, the `extra` dict) every ckpt_every steps.
     Batches are pure functions of (seed, step), so the step count is the whole data position."""
+    out.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_file, start = out / f"checkpoint-{name}.pt", out / "metrics.jsonl", 0
     if resume and ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
@@ -278,7 +281,8 @@ def pretrain(args, out, data_dir, model_dir, seed, resume):
         with autocast(args, device):
             loss = metapeft.mlm_loss(model, to_device(batch, device), mask_id, vocab, gen)
         norm = metapeft.step(loss, params, opt, sched, args.clip)
-        return {"loss": loss.item(), "grad_norm": norm, "lr": sched.get_last_lr()[0]}
+        return {"loss": loss.item(), "grad_norm": norm, "lr": sched.get_last_lr()[0],
+                "tokens": int(batch["attention_mask"].sum())}
 
     state = {"model": model, "opt": opt, "sched": sched, "masks": Stateful(gen.get_state, gen.set_state)}
     train_loop(out, "pretrain", args.pretrain_steps, step_fn, state, extra, args.ckpt_every, resume)
@@ -324,7 +328,8 @@ def prime(args, out, model_dir, data_dir, mode, seed):
             with autocast(args, device):
                 loss = metapeft.meta_loss(model, tasks, cfg, inner_lrs)
             norm = metapeft.step(loss, params, opt, sched, cfg.clip)
-            return {"meta_loss": loss.item(), "grad_norm": norm, "lr": sched.get_last_lr()[0]}
+            return {"meta_loss": loss.item(), "grad_norm": norm, "lr": sched.get_last_lr()[0],
+                    "tokens": sum(int(b["attention_mask"].sum()) for task in tasks for b in task)}
 
         state = {"model": model, "opt": opt, "sched": sched}
         if inner_lrs:
@@ -372,7 +377,7 @@ def finetune(args, out, model_dir, data_dir, seed):
         with autocast(args, device):
             loss = metapeft.ce_loss(model, dict(model.named_parameters()), batch)
         metrics = {"loss": loss.item(), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
-                   "lr": sched.get_last_lr()[0]}
+                   "lr": sched.get_last_lr()[0], "tokens": int(batch["attention_mask"].sum())}
         if (step + 1) % eval_every == 0 or step + 1 == args.finetune_steps:
             f1 = metapeft.evaluate(model, dev, dev_sents, labels, pad, args.eval_batch_size)["f1"]
             metrics["dev_f1"] = f1
@@ -459,7 +464,7 @@ def experiment(args, out, model_dir, data_dir):
 # ----------------------------------------------------------------------------- command line
 
 PRESETS = {  # --preset quick: the whole experiment on the testbed in a few minutes on 2 CPU cores
-    "quick": {"prime_steps": 60, "finetune_steps": 150, "seeds": 2},
+    "quick": {"prime_steps": 40, "finetune_steps": 300, "seeds": 2},
 }
 
 
