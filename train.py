@@ -293,20 +293,22 @@ def pretrain(args, out, data_dir, model_dir, seed, resume):
     return out / "model"
 
 
-def load_examples(data_dir, split, langs, tok, label2id, max_len):
+def load_examples(data_dir, split, langs, tok, labels, max_len):
+    """(labels, sentences, examples) of a split per language. labels=None takes them from the first language's
+    sentences (the source's training data); unknown labels are an error naming the file."""
     sents = {lang: data.read_split(data_dir, split, lang) for lang in langs}
+    labels = labels or data.label_list(sents[langs[0]])
+    label2id = {l: i for i, l in enumerate(labels)}
     for lang, s in sents.items():
-        data.check_labels(s, label2id, str(data.split_path(data_dir, split, lang)))
-    return sents, {lang: data.encode(s, tok, label2id, max_len) for lang, s in sents.items()}
+        data.check_labels(s, labels, str(data.split_path(data_dir, split, lang)))
+    return labels, sents, {lang: data.encode(s, tok, label2id, max_len) for lang, s in sents.items()}
 
 
 def prime(args, out, model_dir, data_dir, mode, seed):
     """Priming (or an ablation): saves the primed encoder (+ meta-learned phi) to out/model."""
     source, prime_langs, _ = languages(args, data_dir)
     tok = data.load_tokenizer(model_dir)
-    labels = data.label_list(data.read_split(data_dir, "train", source))
-    label2id = {l: i for i, l in enumerate(labels)}
-    _, examples = load_examples(data_dir, "train", [source] + prime_langs, tok, label2id, args.max_len)
+    labels, _, examples = load_examples(data_dir, "train", [source] + prime_langs, tok, None, args.max_len)
     seed_everything(seed)
     model = load_pretrained(model_dir, labels=labels, peft=peft_config(args))
     cfg = prime_config(args, mode)
@@ -345,10 +347,9 @@ def finetune(args, out, model_dir, data_dir, seed):
     source-language dev F1 is kept (no target-language data is used). Saves out/model."""
     source = args.source
     tok = data.load_tokenizer(model_dir)
-    labels = data.label_list(data.read_split(data_dir, "train", source))
-    label2id = {l: i for i, l in enumerate(labels)}
-    train = load_examples(data_dir, "train", [source], tok, label2id, args.max_len)[1][source]
-    dev_sents, dev = (d[source] for d in load_examples(data_dir, "dev", [source], tok, label2id, args.max_len))
+    labels, _, train = load_examples(data_dir, "train", [source], tok, None, args.max_len)
+    _, dev_sents, dev = load_examples(data_dir, "dev", [source], tok, labels, args.max_len)
+    train, dev_sents, dev = train[source], dev_sents[source], dev[source]
     seed_everything(seed)
     peft = peft_config(args)
     model = load_pretrained(model_dir, labels=labels, peft=peft)
@@ -404,8 +405,7 @@ def evaluate(args, out, model_dir, data_dir):
     if not model.labels:
         raise UsageError(f"--model {model_dir}: no token-classification head (run the finetune stage first)")
     model.to(device_of(args))
-    label2id = {l: i for i, l in enumerate(model.labels)}
-    sents, examples = load_examples(data_dir, "test", [source] + evals, tok, label2id, args.max_len)
+    _, sents, examples = load_examples(data_dir, "test", [source] + evals, tok, model.labels, args.max_len)
     pad = tok.token_to_id("<pad>")
     per_lang = {lang: metapeft.evaluate(model, examples[lang], sents[lang], model.labels, pad, args.eval_batch_size)
                 for lang in [source] + evals}
