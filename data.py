@@ -175,12 +175,25 @@ def train_tokenizer(texts, vocab_size=8000) -> Tokenizer:
     tok.decoder = decoders.Metaspace(replacement="▁")
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
                                       unk_token="<unk>", show_progress=False)
-    # Not bit-reproducible: tokenizers' Unigram trainer breaks frequency ties in hash order between runs.
     tok.train_from_iterator(texts, trainer)
+    tok.model = _reproducible(tok)
     tok.add_special_tokens(["<mask>"])  # appended after the learnt vocab, as in XLM-R
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     return tok
+
+
+def _reproducible(tok) -> models.Unigram:
+    """The trained Unigram model with run-to-run noise removed. tokenizers' trainer visits the words in hash
+    order, which leaves ~1e-11 float noise in the scores and reorders ties, and gives the characters it re-adds
+    after pruning the scores min, min + 1e-4, ... in hash order. So: round the scores to 1e-4, put that bottom
+    band (one 1e-4 step per character at most) at the minimum, and sort ties by piece."""
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    special, learnt = vocab[:4], vocab[4:]
+    low = min(s for _, s in learnt)
+    band = low + 1e-4 * sum(len(p) == 1 for p, _ in learnt)
+    learnt = sorted(((p, round(low if s < band else s, 4)) for p, s in learnt), key=lambda ps: (-ps[1], ps[0]))
+    return models.Unigram([tuple(ps) for ps in special] + learnt, unk_id=3, byte_fallback=False)
 
 
 def _word_pieces(tokenizer, words):
@@ -431,7 +444,6 @@ _LANG = {
     "ja": dict(script="kana", order="SOV", adp="post", art=None, capn=False),
     "es": dict(script="latin", order="SVO", adp="pre", art="en", capn=False),
     "el": dict(script="grek", order="SVO", adp="pre", art="en", capn=False),
-    "hi": dict(script="kana", order="SOV", adp="post", art=None, capn=False),
 }
 _HIRA = list("あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめも"
              "らりるれろがぎぐげござじずぜぞだでどばびぶべぼやゆよわ")
@@ -581,7 +593,7 @@ def _build_world(cfg):
         lex[lang] = lx
         gender[lang] = {f"N{i}": lr.choice("mfn") for i in range(cfg.n_nouns)}
 
-    def names(n, tag, nsyl=(2, 3)):
+    def names(n, nsyl=(2, 3)):
         out, seen = [], set()
         while len(out) < n:
             w = _word(rng, _NAME_SYL, rng.choice(nsyl)).capitalize()
@@ -589,9 +601,8 @@ def _build_world(cfg):
                 seen.add(w); taken.add(w); out.append(w)
         return out
     taken = set()
-    pools = {"first": names(cfg.n_first, "f"), "last": names(cfg.n_last, "l"),
-             "loc": names(cfg.n_loc, "p"), "org": names(cfg.n_org, "o", (1, 2, 3)),
-             "shared": names(cfg.n_shared, "s")}
+    pools = {"first": names(cfg.n_first), "last": names(cfg.n_last), "loc": names(cfg.n_loc),
+             "org": names(cfg.n_org, (1, 2, 3)), "shared": names(cfg.n_shared)}
     src = cfg.languages[0]
     pools["word"] = [lex[src][f"N{i}"].capitalize()
                      for i in rng.sample(range(23, cfg.n_nouns), cfg.n_wordnames)]
@@ -753,8 +764,8 @@ class _R:
             t = (self._lx(e["title"]), "O")
             out = out + [t] if self.spec["order"] == "SOV" else [t] + out
         if "appos" in e:
-            out = out + [(_PUNCT.get(self.spec["script"], (".", ","))[1], "O")] + self.np(e["appos"]) \
-                + [(_PUNCT.get(self.spec["script"], (".", ","))[1], "O")]
+            comma = (_PUNCT.get(self.spec["script"], (".", ","))[1], "O")
+            out = out + [comma] + self.np(e["appos"]) + [comma]
         return out
 
     def np(self, n):
