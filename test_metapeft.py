@@ -852,6 +852,9 @@ def test_train_stages_chain_on_a_tiny_testbed(tiny_testbed, tmp_path):
     assert json.loads((model / "config.json").read_text())["architectures"] == ["XLMRobertaForMaskedLM"]
     pre = json.loads((model.parent / "pretrain.json").read_text())
     assert pre["loss_after"] < pre["loss_before"]
+    mlm = load_pretrained(model, mlm=True)  # the MLM head too: unexpected or missing keys would raise
+    tok = data.load_tokenizer(model)
+    assert mlm.mlm_logits(torch.tensor([tok.encode("Duhelaim Nagis .").ids])).shape[-1] == tok.get_vocab_size()
     common = ["--data", world, *TINY_RUN]
     assert run_cli("--stage", "prime", "--model", model, "--out", tmp_path / "p", "--prime-steps", 3, *common) == 0
     assert run_cli("--stage", "finetune", "--model", tmp_path / "p" / "model", "--out", tmp_path / "f",
