@@ -173,27 +173,28 @@ def train_tokenizer(texts, vocab_size=8000) -> Tokenizer:
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁")
     tok.decoder = decoders.Metaspace(replacement="▁")
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", show_progress=False)
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
+                                      show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok.model = _reproducible(tok)
+    tok.model = _reproducible(tok, len(specials))
     tok.add_special_tokens(["<mask>"])  # appended after the learnt vocab, as in XLM-R
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     return tok
 
 
-def _reproducible(tok) -> models.Unigram:
+def _reproducible(tok, n_special) -> models.Unigram:
     """The trained Unigram model with run-to-run noise removed. tokenizers' trainer visits the words in hash
     order, which leaves ~1e-11 float noise in the scores and reorders ties, and gives the characters it re-adds
     after pruning the scores min, min + 1e-4, ... in hash order. So: round the scores to 1e-4, put that bottom
     band (one 1e-4 step per character at most) at the minimum, and sort ties by piece."""
-    vocab = json.loads(tok.to_str())["model"]["vocab"]
-    special, learnt = vocab[:4], vocab[4:]
+    model = json.loads(tok.to_str())["model"]
+    special, learnt = model["vocab"][:n_special], model["vocab"][n_special:]
     low = min(s for _, s in learnt)
     band = low + 1e-4 * sum(len(p) == 1 for p, _ in learnt)
     learnt = sorted(((p, round(low if s < band else s, 4)) for p, s in learnt), key=lambda ps: (-ps[1], ps[0]))
-    return models.Unigram([tuple(ps) for ps in special] + learnt, unk_id=3, byte_fallback=False)
+    return models.Unigram([tuple(ps) for ps in special] + learnt, unk_id=model["unk_id"], byte_fallback=False)
 
 
 def _word_pieces(tokenizer, words):
