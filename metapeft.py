@@ -1,10 +1,10 @@
 """Priming a pretrained encoder for parameter-efficient fine-tuning with meta-learning (Gheini et al., 2023).
 
 Notation of PAPER.md: theta = the pretrained encoder, phi = PEFT parameters + token-classification head.
-Priming is MAML whose inner loop simulates PEFT (SGD on phi over a support batch, theta fixed) and whose
-outer loop updates theta (optionally phi's initialisation too) from the query loss at the adapted phi:
+Priming is MAML whose inner loop simulates PEFT (SGD or AdamW on phi over a support batch, theta fixed) and
+whose outer loop updates theta (optionally phi's initialisation too) from the query loss at the adapted phi:
 
-    for each task (S, Q):  phi = phi0;  K times: phi = phi - alpha * grad_phi L(S; theta, phi)
+    for each task (S, Q):  phi = phi0;  K times: phi = phi - alpha * grad_phi L(S; theta, phi)   (or an AdamW step)
     meta_loss = mean over tasks of L(Q; theta, phi)          -> optimizer step on theta (, phi0)
 
 Everything is functional (torch.func.functional_call over dicts of tensors): the inner loop never writes to
@@ -36,6 +36,15 @@ class PrimeConfig:
     inner_lr: float = 1e-3
     meta_sgd: bool = False           # learn one inner lr per adapted tensor (Meta-SGD), starting at inner_lr
     first_order: bool = False        # drop the inner loop's second derivatives (FOMAML)
+    # Truncated back-propagation: only the last N inner steps are second order, the earlier ones first order (their
+    # gradients are constants: theta's influence through them is dropped, phi0's gradient passes as in first_order).
+    inner_backprop: int = 0          # N; 0 = all K steps (second order unless first_order)
+    # adam: torch.optim.AdamW's update, functional, with fresh moments per task, as the downstream fine-tuning's
+    # make_optimizer (its lr is train.py's --finetune-lr). sgd: phi - alpha * grad, no decay.
+    inner_opt: str = "sgd"           # sgd | adam
+    inner_betas: tuple[float, float] = (0.9, 0.999)
+    inner_eps: float = 1e-8
+    inner_weight_decay: float = 0.01  # adam only: decoupled, on matrices, as make_optimizer
     outer: str = "theta"             # theta | theta+phi: the outer loop also meta-learns phi's initialisation
     phi_start: str = "fresh"         # fresh: each task starts from a new draw, as downstream PEFT | meta: from phi0
     freeze_embeddings: bool = False  # keep the embedding layer fixed during priming
@@ -46,11 +55,14 @@ class PrimeConfig:
 
     def __post_init__(self):
         for field, allowed in (("mode", ("prime", "maml", "multitask", "none")), ("outer", ("theta", "theta+phi")),
-                               ("phi_start", ("fresh", "meta"))):
+                               ("phi_start", ("fresh", "meta")), ("inner_opt", ("sgd", "adam"))):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {' | '.join(allowed)}, got {getattr(self, field)!r}")
         if self.inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if not 0 <= self.inner_backprop <= self.inner_steps or (self.inner_backprop and self.first_order):
+            raise ValueError(f"inner_backprop must be in [0, inner_steps={self.inner_steps}] and needs second order, "
+                             f"got {self.inner_backprop}{' with first_order' * self.first_order}")
         if self.outer == "theta+phi" and self.phi_start != "meta":
             raise ValueError("outer='theta+phi' needs phi_start='meta' (a fresh start would ignore the learned init)")
         if self.meta_sgd and (self.mode not in ("prime", "maml") or self.inner_steps == 0):
@@ -75,18 +87,38 @@ def ce_loss(model, params, batch):
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=data.IGNORE)
 
 
+def inner_update(p, g, lr, moments, t, cfg):
+    """The inner optimizer's new value of tensor p (a new tensor, nothing in place) after its step t = 1, 2, ...
+    with gradient g: SGD, or exactly torch.optim.AdamW's step; moments: (m, v) of the previous step or None."""
+    if cfg.inner_opt == "sgd":
+        return p - lr * g, None
+    (b1, b2), decay = cfg.inner_betas, cfg.inner_weight_decay if p.ndim >= 2 else 0.0
+    m, v = moments or (0.0, 0.0)
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    # sqrt's derivative is infinite at 0 (a fresh LoRA A has zero gradient): 0 x inf would make the meta-gradient
+    # NaN, so the root's gradient at v = 0 is taken as 0 (a subgradient of sqrt(1 - b2) |g| at g = 0).
+    root = torch.where(v > 0, torch.where(v > 0, v, 1.0).sqrt(), 0.0)
+    step = lr / (1 - b1 ** t) * m / (root / math.sqrt(1 - b2 ** t) + cfg.inner_eps)
+    return p * (1 - lr * decay) - step, (m, v)
+
+
 def task_loss(model, theta, phi0, support, query, cfg, inner_lrs=None):
-    """L(Q; theta, phi_K) for one task, phi_K = K SGD steps on L(S; theta, .) from phi0 (all of theta+phi in maml
-    mode). Differentiable w.r.t. theta, phi0 and inner_lrs; second order unless cfg.first_order."""
+    """L(Q; theta, phi_K) for one task, phi_K = K SGD or AdamW steps on L(S; theta, .) from phi0 (all of theta+phi
+    in maml mode). Differentiable w.r.t. theta, phi0 and inner_lrs; second order unless cfg.first_order, through
+    the last cfg.inner_backprop steps only if it is set."""
     params = {**theta, **phi0}  # phi = phi0
     inner = [n for n in params if adapted(n, cfg)]
     alpha = inner_lrs or dict.fromkeys(inner, cfg.inner_lr)
-    # Fused SDPA kernels have no double backward; only the support passes are differentiated twice.
-    with nullcontext() if cfg.first_order else sdpa_kernel([SDPBackend.MATH]):
-        for _ in range(cfg.inner_steps):
-            grads = torch.autograd.grad(ce_loss(model, params, support), [params[n] for n in inner],
-                                        create_graph=not cfg.first_order)  # first order: grads come back detached
-            params |= {n: params[n] - alpha[n] * g for n, g in zip(inner, grads)}  # a new dict entry, not in place
+    moments = dict.fromkeys(inner)
+    K = cfg.inner_steps
+    for k in range(K):
+        second = not cfg.first_order and k >= K - (cfg.inner_backprop or K)
+        # Fused SDPA kernels have no double backward; only second-order support passes are differentiated twice.
+        with sdpa_kernel([SDPBackend.MATH]) if second else nullcontext():
+            loss = ce_loss(model, params, support)
+        grads = torch.autograd.grad(loss, [params[n] for n in inner], create_graph=second)  # else: detached
+        for n, g in zip(inner, grads):  # new dict entries, not in-place writes
+            params[n], moments[n] = inner_update(params[n], g, alpha[n], moments[n], k + 1, cfg)
     return ce_loss(model, params, query)
 
 

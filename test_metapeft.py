@@ -15,7 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import metapeft as mp
 from data import DataError, Example, Sentence
-from model import CheckpointError, Config, Model, PeftConfig, is_head, is_peft, load_peft, load_pretrained, theta_phi
+from model import CheckpointError, Config, Model, PeftConfig, fresh_phi, is_head, is_peft, load_peft, load_pretrained, \
+    theta_phi
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads, and OpenMP stalls badly on a busy shared CPU
 
@@ -604,11 +605,15 @@ def max_diff(xs, ys):
 
 # ----------------------------------------------------------------------------- meta-gradients
 
-@pytest.mark.parametrize("method,K,meta_sgd", [("lora", 1, False), ("lora", 2, True),
-                                               ("houlsby", 1, True), ("houlsby", 2, False)])
-def test_prime_second_order_matches_finite_differences(method, K, meta_sgd):
+@pytest.mark.parametrize("method,K,meta_sgd,opt", [("lora", 1, False, "sgd"), ("lora", 2, True, "sgd"),
+                                                   ("houlsby", 1, True, "sgd"), ("houlsby", 2, False, "sgd"),
+                                                   ("lora", 3, False, "adam"), ("houlsby", 2, True, "adam")])
+def test_prime_second_order_matches_finite_differences(method, K, meta_sgd, opt):
     model = tiny_model(method)
-    cfg = mp.PrimeConfig(inner_steps=K, inner_lr=0.5, meta_sgd=meta_sgd, outer="theta+phi", phi_start="meta")
+    # Adam's step is about lr * sign(g) where |g| >> eps: too curved for finite differences at the tiny model's
+    # ~1e-3 gradients unless eps is large (test_prime_inner_adam_is_torch_adamw checks the step at eps 1e-8).
+    cfg = mp.PrimeConfig(inner_steps=K, inner_lr=0.5 if opt == "sgd" else 0.05, meta_sgd=meta_sgd, outer="theta+phi",
+                         phi_start="meta", inner_opt=opt, inner_eps=0.1, inner_weight_decay=0.1)
     support, query = task()
     x = [*theta_phi(model), mp.make_inner_lrs(model, cfg) or {}]  # the meta-parameters: theta, phi0, inner lrs
 
@@ -622,26 +627,97 @@ def test_prime_second_order_matches_finite_differences(method, K, meta_sgd):
         d = [{n: torch.randn(t.shape, generator=gen, dtype=t.dtype) * (i in probe) for n, t in group.items()}
              for i, group in enumerate(x)]
         moved = lambda eps: [{n: t + eps * d[i][n] for n, t in group.items()} for i, group in enumerate(x)]
-        fd = (f(moved(1e-5)).item() - f(moved(-1e-5)).item()) / 2e-5
+        fd = (f(moved(1e-6)).item() - f(moved(-1e-6)).item()) / 2e-6
         along_d = lambda g: sum((gi * di).sum() for gi, di in zip(g, [v for group in d for v in group.values()]))
         assert abs(along_d(exact) - fd) < 1e-4 * abs(fd), (along_d(exact), fd)
         assert abs(along_d(first_order) - fd) > 1e-3 * abs(fd)  # the probe does see the second-order terms
 
 
-def test_prime_first_order_is_query_gradient_at_adapted_phi():
+def torch_inner_loop(model, theta, phi0, support, cfg):
+    """phi after cfg.inner_steps steps of torch's own SGD / AdamW on leaf copies of phi0 (no graph to phi0)."""
+    phi = {n: p.detach().clone().requires_grad_() for n, p in phi0.items()}
+    opt = torch.optim.SGD(phi.values(), cfg.inner_lr) if cfg.inner_opt == "sgd" else \
+        mp.make_optimizer(phi, cfg.inner_lr, cfg.inner_weight_decay)
+    for _ in range(cfg.inner_steps):
+        opt.zero_grad()
+        mp.ce_loss(model, {**theta, **phi}, support).backward(inputs=list(phi.values()))
+        opt.step()
+    return phi
+
+
+@pytest.mark.parametrize("opt,K", [("sgd", 2), ("adam", 10)])
+def test_prime_first_order_is_query_gradient_at_adapted_phi(opt, K):
     model = tiny_model()
-    cfg = mp.PrimeConfig(inner_steps=2, inner_lr=0.5, first_order=True, outer="theta+phi", phi_start="meta")
+    cfg = mp.PrimeConfig(inner_steps=K, inner_lr=0.5 if opt == "sgd" else 0.02, first_order=True, outer="theta+phi",
+                         phi_start="meta", inner_opt=opt)
     support, query = task()
     theta, phi0 = theta_phi(model)
     got = grads(mp.task_loss(model, theta, phi0, support, query, cfg), [*theta.values(), *phi0.values()])
-    phi = {n: p.detach() for n, p in phi0.items()}  # plain SGD on detached values: inner gradients are constants
-    for _ in range(cfg.inner_steps):
-        phi = {n: p.requires_grad_() for n, p in phi.items()}
-        g = grads(mp.ce_loss(model, {**theta, **phi}, support), phi.values())
-        phi = {n: (p - cfg.inner_lr * gi).detach() for (n, p), gi in zip(phi.items(), g)}
-    phi = {n: p.requires_grad_() for n, p in phi.items()}
+    phi = torch_inner_loop(model, theta, phi0, support, cfg)
     want = grads(mp.ce_loss(model, {**theta, **phi}, query), [*theta.values(), *phi.values()])
+    # phi0's part passes straight through, times AdamW's decay factor (1 - lr wd) per step on matrices
+    decay = (1 - cfg.inner_lr * cfg.inner_weight_decay) ** K if opt == "adam" else 1
+    want = [*want[:len(theta)], *(w * decay if w.ndim >= 2 else w for w in want[len(theta):])]
     assert max_diff(got, want) < 1e-10
+
+
+def test_prime_inner_adam_is_torch_adamw():
+    """K functional inner AdamW steps give torch.optim.AdamW's parameters (matrices decay, vectors do not), also
+    where a gradient is exactly zero (as a fresh LoRA A's), and from there a finite meta-gradient; their derivatives
+    (w.r.t. the start, every gradient and the lr) match finite differences."""
+    gen = torch.Generator().manual_seed(0)
+    start = {"w": torch.randn(4, 3, generator=gen, dtype=torch.float64), "b": torch.randn(3, generator=gen, dtype=torch.float64)}
+    cfg = mp.PrimeConfig(inner_opt="adam", inner_lr=0.1, inner_betas=(0.8, 0.99), inner_eps=1e-6, inner_weight_decay=0.3)
+    ref = {n: p.clone() for n, p in start.items()}
+    opt = mp.make_optimizer(ref, cfg.inner_lr, cfg.inner_weight_decay)
+    for group in opt.param_groups:
+        group.update(betas=cfg.inner_betas, eps=cfg.inner_eps)
+    ours, moments = dict(start), dict.fromkeys(start)
+    for t in range(1, 6):
+        g = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) * (t > 1) for n, p in start.items()}
+        for n, p in ref.items():
+            p.grad = g[n]
+        opt.step()
+        for n in ours:
+            ours[n], moments[n] = mp.inner_update(ours[n], g[n], cfg.inner_lr, moments[n], t, cfg)
+    assert max_diff(ours.values(), ref.values()) < 1e-14
+
+    def k_steps(p, lr, *gs):
+        moments = None
+        for t, g in enumerate(gs, 1):
+            p, moments = mp.inner_update(p, g, lr, moments, t, replace(cfg, inner_eps=1e-8))
+        return p
+    inputs = [torch.randn(4, 3, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(4)]
+    assert torch.autograd.gradcheck(k_steps, (inputs[0], torch.tensor(0.1, dtype=torch.float64, requires_grad=True),
+                                              *inputs[1:]), rtol=1e-4)
+    model = tiny_model()  # a fresh phi: LoRA B = 0, so A's first inner gradient is zero (sqrt's gradient at 0)
+    theta = theta_phi(model)[0]
+    cfg = mp.PrimeConfig(inner_steps=2, inner_opt="adam", inner_lr=2e-3)
+    g = grads(mp.task_loss(model, theta, fresh_phi(model), *task(), cfg), theta.values())
+    assert all(x.isfinite().all() for x in g) and max(x.abs().max() for x in g) > 0
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_prime_truncated_backprop(opt):
+    """inner_backprop = K is full second order; N < K makes the first K - N steps first order: for SGD, the
+    full second-order gradient of N steps from phi_{K-N} = phi0 + (a constant)."""
+    model = tiny_model()
+    cfg = mp.PrimeConfig(inner_steps=3, inner_lr=0.5 if opt == "sgd" else 0.05, outer="theta+phi", phi_start="meta",
+                         inner_opt=opt)
+    support, query = task()
+    theta, phi0 = theta_phi(model)
+    params = [*theta.values(), *phi0.values()]
+    full = grads(mp.task_loss(model, theta, phi0, support, query, cfg), params)
+    assert max_diff(full, grads(mp.task_loss(model, theta, phi0, support, query, replace(cfg, inner_backprop=3)),
+                                params)) == 0
+    truncated = grads(mp.task_loss(model, theta, phi0, support, query, replace(cfg, inner_backprop=1)), params)
+    assert max_diff(full, truncated) > 1e-3
+    if opt == "sgd":
+        shift = {n: torch_inner_loop(model, theta, phi0, support, replace(cfg, inner_steps=2))[n].detach() - p.detach()
+                 for n, p in phi0.items()}
+        last = mp.task_loss(model, theta, {n: p + shift[n] for n, p in phi0.items()}, support, query,
+                            replace(cfg, inner_steps=1))
+        assert max_diff(truncated, grads(last, params)) < 1e-10
 
 
 @pytest.mark.parametrize("mode", ["prime", "maml"])
@@ -698,7 +774,9 @@ def test_prime_attention_kernels(monkeypatch):
 
 def test_prime_config_validation():
     for bad in (dict(mode="reptile"), dict(outer="phi"), dict(phi_start="zero"), dict(inner_steps=-1),
-                dict(outer="theta+phi"), dict(mode="multitask", meta_sgd=True), dict(inner_steps=0, meta_sgd=True)):
+                dict(outer="theta+phi"), dict(mode="multitask", meta_sgd=True), dict(inner_steps=0, meta_sgd=True),
+                dict(inner_opt="lion"), dict(inner_steps=2, inner_backprop=3), dict(inner_backprop=-1),
+                dict(inner_steps=2, inner_backprop=1, first_order=True)):
         with pytest.raises(ValueError):
             mp.PrimeConfig(**bad)
     with pytest.raises(ValueError, match="none"):
