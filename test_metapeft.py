@@ -957,6 +957,8 @@ def weights(folder):
 
 
 @pytest.mark.parametrize("stage, extra", [("prime", ["--prime-steps", 6, "--meta-sgd"]),
+                                          ("prime", ["--prime-steps", 6, "--inner-opt", "adam", "--inner-steps", 2,
+                                                     "--inner-backprop", 1]),
                                           ("finetune", ["--finetune-steps", 6, "--eval-every", 2])])
 def test_train_resume_after_a_kill_is_bit_identical(tiny_testbed, tmp_path, monkeypatch, stage, extra):
     model, world = tiny_testbed
@@ -992,6 +994,7 @@ def test_train_bad_input_is_one_line(tiny_testbed, tmp_path, capsys):
         (["--model", model, "--data", tmp_path / "nosource"], "no train split for the source language 'en'"),
         (["--model", model, "--data", world, "--eval-langs", "xx"], "unknown language 'xx'"),
         (["--model", model, "--data", world, "--outer", "theta+phi"], "outer='theta+phi' needs phi_start='meta'"),
+        (["--model", model, "--data", world, "--inner-backprop", 2], "inner_backprop must be in [0, inner_steps=1]"),
         (["--model", model], "give both --model and --data"),
         (["--stage", "finetune", "--model", model, "--data", world, "--phi-init", "primed"], "has no PEFT init"),
     ]
@@ -1003,6 +1006,14 @@ def test_train_bad_input_is_one_line(tiny_testbed, tmp_path, capsys):
     run_cli("--model", model, "--data", world, "--prime-langs", "de", "--eval-langs", "de,ru", "--prime-steps", 1,
             "--out", tmp_path / "overlap", *TINY_RUN)
     assert "priming languages ['de'] are also evaluated on" in capsys.readouterr().err
+
+
+def test_train_inner_optimizer_flags():
+    for argv, opt, lr, decay in ((["--inner-opt", "adam"], "adam", 2e-3, 0.01), ([], "sgd", 0.3, 0.01),
+                                 (["--inner-opt", "adam", "--finetune-lr", "1e-3", "--weight-decay", "0"], "adam", 1e-3, 0),
+                                 (["--inner-opt", "adam", "--inner-lr", "0.1"], "adam", 0.1, 0.01)):
+        cfg = train.prime_config(train.parse_args(argv), "prime")
+        assert (cfg.inner_opt, cfg.inner_lr, cfg.inner_weight_decay) == (opt, lr, decay)
 
 
 def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):

@@ -205,8 +205,13 @@ def peft_config(args):
 
 
 def prime_config(args, mode):
-    return metapeft.PrimeConfig(mode=mode, inner_steps=args.inner_steps, inner_lr=args.inner_lr, meta_sgd=args.meta_sgd,
-                                first_order=args.first_order, outer=args.outer, phi_start=args.phi_start,
+    """Priming's config; the inner AdamW is the downstream one: its lr defaults to --finetune-lr, its decay is
+    --weight-decay."""
+    inner_lr = args.inner_lr if args.inner_lr is not None else 0.3 if args.inner_opt == "sgd" else args.finetune_lr
+    return metapeft.PrimeConfig(mode=mode, inner_steps=args.inner_steps, inner_lr=inner_lr, meta_sgd=args.meta_sgd,
+                                first_order=args.first_order, inner_backprop=args.inner_backprop,
+                                inner_opt=args.inner_opt, inner_weight_decay=args.weight_decay,
+                                outer=args.outer, phi_start=args.phi_start,
                                 freeze_embeddings=args.freeze_embeddings, lr=args.prime_lr, weight_decay=args.weight_decay,
                                 warmup=args.prime_warmup, clip=args.clip)
 
@@ -515,9 +520,15 @@ def parse_args(argv=None):
            "training on the priming data; none: no priming")
     a(g, "--prime-steps", type=int, default=50, help="outer (meta) steps")
     a(g, "--inner-steps", type=int, default=1, help="K: simulated PEFT steps per task")
-    a(g, "--inner-lr", type=float, default=0.3, help="alpha: inner SGD learning rate")
+    a(g, "--inner-opt", choices=("sgd", "adam"), default="sgd",
+      help="inner optimizer simulating PEFT: plain SGD, or AdamW as downstream (fresh moments per task, "
+           "--weight-decay on matrices)")
+    a(g, "--inner-lr", type=float, help="alpha: inner learning rate; omitted: 0.3 for sgd, --finetune-lr for adam")
     a(g, "--meta-sgd", action="store_true", default=False, help="learn one inner learning rate per tensor (Meta-SGD)")
     a(g, "--first-order", action="store_true", default=False, help="first-order meta-gradient (no second derivatives)")
+    a(g, "--inner-backprop", type=int, default=0,
+      help="truncated back-propagation: second order through the last N inner steps only, first order before "
+           "(0: all steps)")
     a(g, "--outer", choices=("theta", "theta+phi"), default="theta",
       help="what the outer loop updates: the PLM only, or also phi's initialisation")
     a(g, "--phi-start", choices=("fresh", "meta"), default="fresh",
