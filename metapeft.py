@@ -45,6 +45,9 @@ class PrimeConfig:
     inner_betas: tuple[float, float] = (0.9, 0.999)
     inner_eps: float = 1e-8
     inner_weight_decay: float = 0.01  # adam only: decoupled, on matrices, as make_optimizer
+    # Real fine-tuning sees a new batch each step: the support batch is split by rows into this many batches that
+    # the inner steps cycle through (1: every step sees the whole support batch).
+    support_batches: int = 1
     outer: str = "theta"             # theta | theta+phi: the outer loop also meta-learns phi's initialisation
     phi_start: str = "fresh"         # fresh: each task starts from a new draw, as downstream PEFT | meta: from phi0
     freeze_embeddings: bool = False  # keep the embedding layer fixed during priming
@@ -60,6 +63,8 @@ class PrimeConfig:
                 raise ValueError(f"{field} must be one of {' | '.join(allowed)}, got {getattr(self, field)!r}")
         if self.inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if self.support_batches < 1:
+            raise ValueError(f"support_batches must be >= 1, got {self.support_batches}")
         if not 0 <= self.inner_backprop <= self.inner_steps or (self.inner_backprop and self.first_order):
             raise ValueError(f"inner_backprop must be in [0, inner_steps={self.inner_steps}] and needs second order, "
                              f"got {self.inner_backprop}{' with first_order' * self.first_order}")
@@ -104,18 +109,20 @@ def inner_update(p, g, lr, moments, t, cfg):
 
 def task_loss(model, theta, phi0, support, query, cfg, inner_lrs=None):
     """L(Q; theta, phi_K) for one task, phi_K = K SGD or AdamW steps on L(S; theta, .) from phi0 (all of theta+phi
-    in maml mode). Differentiable w.r.t. theta, phi0 and inner_lrs; second order unless cfg.first_order, through
-    the last cfg.inner_backprop steps only if it is set."""
+    in maml mode; S split into cfg.support_batches batches, cycled). Differentiable w.r.t. theta, phi0 and
+    inner_lrs; second order unless cfg.first_order, through the last cfg.inner_backprop steps only if it is set."""
     params = {**theta, **phi0}  # phi = phi0
     inner = [n for n in params if adapted(n, cfg)]
     alpha = inner_lrs or dict.fromkeys(inner, cfg.inner_lr)
     moments = dict.fromkeys(inner)
+    supports = [dict(zip(support, rows))
+                for rows in zip(*(t.tensor_split(cfg.support_batches) for t in support.values()))]
     K = cfg.inner_steps
     for k in range(K):
         second = not cfg.first_order and k >= K - (cfg.inner_backprop or K)
         # Fused SDPA kernels have no double backward; only second-order support passes are differentiated twice.
         with sdpa_kernel([SDPBackend.MATH]) if second else nullcontext():
-            loss = ce_loss(model, params, support)
+            loss = ce_loss(model, params, supports[k % len(supports)])
         grads = torch.autograd.grad(loss, [params[n] for n in inner], create_graph=second)  # else: detached
         for n, g in zip(inner, grads):  # new dict entries, not in-place writes
             params[n], moments[n] = inner_update(params[n], g, alpha[n], moments[n], k + 1, cfg)

@@ -633,27 +633,32 @@ def test_prime_second_order_matches_finite_differences(method, K, meta_sgd, opt)
         assert abs(along_d(first_order) - fd) > 1e-3 * abs(fd)  # the probe does see the second-order terms
 
 
-def torch_inner_loop(model, theta, phi0, support, cfg):
-    """phi after cfg.inner_steps steps of torch's own SGD / AdamW on leaf copies of phi0 (no graph to phi0)."""
+def torch_inner_loop(model, theta, phi0, supports, cfg):
+    """phi after cfg.inner_steps steps of torch's own SGD / AdamW on leaf copies of phi0 (no graph to phi0), cycling
+    through the batches `supports`."""
     phi = {n: p.detach().clone().requires_grad_() for n, p in phi0.items()}
     opt = torch.optim.SGD(phi.values(), cfg.inner_lr) if cfg.inner_opt == "sgd" else \
         mp.make_optimizer(phi, cfg.inner_lr, cfg.inner_weight_decay)
-    for _ in range(cfg.inner_steps):
+    for k in range(cfg.inner_steps):
         opt.zero_grad()
-        mp.ce_loss(model, {**theta, **phi}, support).backward(inputs=list(phi.values()))
+        mp.ce_loss(model, {**theta, **phi}, supports[k % len(supports)]).backward(inputs=list(phi.values()))
         opt.step()
     return phi
 
 
-@pytest.mark.parametrize("opt,K", [("sgd", 2), ("adam", 10)])
-def test_prime_first_order_is_query_gradient_at_adapted_phi(opt, K):
+@pytest.mark.parametrize("opt,K,n", [("sgd", 2, 1), ("adam", 10, 2)])
+def test_prime_first_order_is_query_gradient_at_adapted_phi(opt, K, n):
+    """The first-order meta-gradient is the query gradient at phi adapted by torch's own optimizer, here with n
+    support batches (one batch of n x 3 rows for task_loss) used in turn by the inner steps."""
     model = tiny_model()
     cfg = mp.PrimeConfig(inner_steps=K, inner_lr=0.5 if opt == "sgd" else 0.02, first_order=True, outer="theta+phi",
-                         phi_start="meta", inner_opt=opt)
-    support, query = task()
+                         phi_start="meta", inner_opt=opt, support_batches=n)
+    gen = torch.Generator().manual_seed(1)
+    supports, query = [random_batch(gen) for _ in range(n)], random_batch(gen)
+    support = {k: torch.cat([b[k] for b in supports]) for k in query}
     theta, phi0 = theta_phi(model)
     got = grads(mp.task_loss(model, theta, phi0, support, query, cfg), [*theta.values(), *phi0.values()])
-    phi = torch_inner_loop(model, theta, phi0, support, cfg)
+    phi = torch_inner_loop(model, theta, phi0, supports, cfg)
     want = grads(mp.ce_loss(model, {**theta, **phi}, query), [*theta.values(), *phi.values()])
     # phi0's part passes straight through, times AdamW's decay factor (1 - lr wd) per step on matrices
     decay = (1 - cfg.inner_lr * cfg.inner_weight_decay) ** K if opt == "adam" else 1
@@ -713,7 +718,7 @@ def test_prime_truncated_backprop(opt):
     truncated = grads(mp.task_loss(model, theta, phi0, support, query, replace(cfg, inner_backprop=1)), params)
     assert max_diff(full, truncated) > 1e-3
     if opt == "sgd":
-        shift = {n: torch_inner_loop(model, theta, phi0, support, replace(cfg, inner_steps=2))[n].detach() - p.detach()
+        shift = {n: torch_inner_loop(model, theta, phi0, [support], replace(cfg, inner_steps=2))[n].detach() - p.detach()
                  for n, p in phi0.items()}
         last = mp.task_loss(model, theta, {n: p + shift[n] for n, p in phi0.items()}, support, query,
                             replace(cfg, inner_steps=1))
@@ -776,7 +781,7 @@ def test_prime_config_validation():
     for bad in (dict(mode="reptile"), dict(outer="phi"), dict(phi_start="zero"), dict(inner_steps=-1),
                 dict(outer="theta+phi"), dict(mode="multitask", meta_sgd=True), dict(inner_steps=0, meta_sgd=True),
                 dict(inner_opt="lion"), dict(inner_steps=2, inner_backprop=3), dict(inner_backprop=-1),
-                dict(inner_steps=2, inner_backprop=1, first_order=True)):
+                dict(inner_steps=2, inner_backprop=1, first_order=True), dict(support_batches=0)):
         with pytest.raises(ValueError):
             mp.PrimeConfig(**bad)
     with pytest.raises(ValueError, match="none"):
@@ -958,7 +963,7 @@ def weights(folder):
 
 @pytest.mark.parametrize("stage, extra", [("prime", ["--prime-steps", 6, "--meta-sgd"]),
                                           ("prime", ["--prime-steps", 6, "--inner-opt", "adam", "--inner-steps", 2,
-                                                     "--inner-backprop", 1]),
+                                                     "--inner-backprop", 1, "--support-batches", 2]),
                                           ("finetune", ["--finetune-steps", 6, "--eval-every", 2])])
 def test_train_resume_after_a_kill_is_bit_identical(tiny_testbed, tmp_path, monkeypatch, stage, extra):
     model, world = tiny_testbed

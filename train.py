@@ -211,6 +211,7 @@ def prime_config(args, mode):
     return metapeft.PrimeConfig(mode=mode, inner_steps=args.inner_steps, inner_lr=inner_lr, meta_sgd=args.meta_sgd,
                                 first_order=args.first_order, inner_backprop=args.inner_backprop,
                                 inner_opt=args.inner_opt, inner_weight_decay=args.weight_decay,
+                                support_batches=args.support_batches,
                                 outer=args.outer, phi_start=args.phi_start,
                                 freeze_embeddings=args.freeze_embeddings, lr=args.prime_lr, weight_decay=args.weight_decay,
                                 warmup=args.prime_warmup, clip=args.clip)
@@ -325,7 +326,7 @@ def prime(args, out, model_dir, data_dir, mode, seed):
         opt = metapeft.make_optimizer(params, cfg.lr, cfg.weight_decay)
         sched = metapeft.make_scheduler(opt, cfg.warmup, args.prime_steps)
         episodes = data.EpisodeConfig(source_langs=(source,), query_langs=tuple(prime_langs),
-                                      support_size=args.support_size, query_size=args.query_size,
+                                      support_size=args.support_size * args.support_batches, query_size=args.query_size,
                                       tasks_per_step=args.tasks, pairing=args.pairing)
         pad = tok.token_to_id("<pad>")
 
@@ -502,6 +503,8 @@ def parse_args(argv=None):
     a(g, "--pairing", choices=("cross", "same"), default="cross",
       help="cross: support in the source, query in a priming language; same: one language per task")
     a(g, "--support-size", type=int, default=8, help="sentences per support batch")
+    a(g, "--support-batches", type=int, default=1,
+      help="support batches per task, one per inner step, cycling (1: the K inner steps reuse one batch)")
     a(g, "--query-size", type=int, default=8, help="sentences per query batch")
     a(g, "--tasks", type=int, default=4, help="tasks (support, query pairs) per meta-step")
     g = p.add_argument_group("PEFT (phi)")
