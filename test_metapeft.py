@@ -942,3 +942,24 @@ def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):
     mtime = (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime
     assert run_cli(*argv) == 0  # finished cells are kept, not rerun
     assert (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime == mtime
+
+
+def test_train_patience_rule_stops_at_the_right_step():
+    curve = [0.1, 0.3, 0.2, 0.3, 0.25, 0.4, 0.1, 0.2, 0.3]  # the tie at eval 4 is no improvement
+    stops = lambda patience: [n for n in range(1, len(curve) + 1) if train.patience_exhausted(curve[:n], patience)]
+    assert stops(3)[0] == 5 and stops(1)[0] == 3 and stops(4) == [] and stops(0) == []
+
+
+def test_train_finetune_stops_early_and_a_stopped_run_stays_stopped(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    argv = ["--stage", "finetune", "--model", model, "--data", world, "--out", tmp_path / "f", *TINY_RUN,
+            "--finetune-steps", 40, "--eval-every", 1, "--patience", 2, "--ckpt-every", 100]
+    assert run_cli(*argv) == 0
+    lines = [json.loads(l) for l in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    f1s = [l["dev_f1"] for l in lines]
+    assert len(lines) < 40 and train.patience_exhausted(f1s, 2) and not train.patience_exhausted(f1s[:-1], 2)
+    before = weights(tmp_path / "f" / "model")
+    assert run_cli(*argv, "--resume") == 0
+    assert (tmp_path / "f" / "metrics.jsonl").read_text().count("\n") == len(lines)
+    after = weights(tmp_path / "f" / "model")
+    assert all(torch.equal(before[k], after[k]) for k in before)

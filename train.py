@@ -49,7 +49,7 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.every = max(1, total // 20)
 
-    def update(self, step, metrics):
+    def update(self, step, metrics, last=False):
         seconds = max(time.time() - self.t0, 1e-9)
         self.tokens += metrics.get("tokens", 0)
         rate = (step - self.start) / seconds
@@ -58,9 +58,9 @@ class Progress:
         line = (f"{self.name} {step}/{self.total} {items} | {self.tokens / seconds:.0f} tok/s "
                 f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
         if self.tty:
-            print(f"\r{line[:shutil.get_terminal_size().columns - 1]}\033[K", end="" if step < self.total else "\n",
+            print(f"\r{line[:shutil.get_terminal_size().columns - 1]}\033[K", end="\n" if last or step == self.total else "",
                   file=sys.stderr, flush=True)
-        elif step % self.every == 0 or step == self.total:
+        elif step % self.every == 0 or last or step == self.total:
             log(line)
 
 
@@ -92,9 +92,10 @@ def to_device(batch, device):
 def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, resume=False):
     """Run step_fn(step) -> metrics for steps [start, total): progress line, metrics.jsonl, and an atomic
     checkpoint (every tensor in `state`'s objects, RNG states, the `extra` dict) every ckpt_every steps.
-    Batches are pure functions of (seed, step), so the step count is the whole data position."""
+    Batches are pure functions of (seed, step), so the step count is the whole data position.
+    metrics["stop"] = True ends the run early: checkpointed at that step, so a resumed stopped run stays stopped."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt, metrics_file, start = out / f"checkpoint-{name}.pt", out / "metrics.jsonl", 0
+    ckpt, metrics_file, start, stop = out / f"checkpoint-{name}.pt", out / "metrics.jsonl", 0, False
     if resume and ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
         for key, obj in state.items():
@@ -105,24 +106,27 @@ def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, res
         random.setstate(saved["rng"]["python"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        start = saved["step"]
+        start, stop = saved["step"], saved["stop"]
         log(f"{name}: resumed from {ckpt} at step {start}")
     if metrics_file.exists():  # drop what a killed run logged after its last checkpoint
         lines = [l for l in metrics_file.read_text().splitlines()
                  if json.loads(l)["stage"] != name or json.loads(l)["step"] <= start]
         atomic_write(metrics_file, lambda f: Path(f).write_text("".join(l + "\n" for l in lines)))
     progress = Progress(name, total, start)
-    for step in range(start, total):
+    for step in range(start, start if stop else total):
         metrics = step_fn(step)
+        stop = metrics.pop("stop", False)
         with open(metrics_file, "a") as f:
             f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
-        progress.update(step + 1, metrics)
-        if (step + 1) % ckpt_every == 0 or step + 1 == total:
+        progress.update(step + 1, metrics, last=stop)
+        if (step + 1) % ckpt_every == 0 or step + 1 == total or stop:
             blob = {key: obj.state_dict() for key, obj in state.items()} | {
-                "step": step + 1, "extra": extra or {},
+                "step": step + 1, "stop": stop, "extra": extra or {},
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
             atomic_write(ckpt, lambda f: torch.save(blob, f))
+        if stop:
+            break
 
 
 class Stateful:
@@ -342,9 +346,16 @@ def prime(args, out, model_dir, data_dir, mode, seed):
     return out / "model"
 
 
+def patience_exhausted(dev_f1s, patience):
+    """Early stopping: True once the best of the dev F1s so far (the first of equals) is `patience` evaluations
+    old. patience 0: never (the run takes its whole budget)."""
+    return patience > 0 and len(dev_f1s) - 1 - dev_f1s.index(max(dev_f1s)) >= patience
+
+
 def finetune(args, out, model_dir, data_dir, seed):
-    """Downstream PEFT: theta frozen, PEFT + head trained on the source language; the checkpoint with the best
-    source-language dev F1 is kept (no target-language data is used). Saves out/model."""
+    """Downstream PEFT: theta frozen, PEFT + head trained on the source language until its dev F1 stops improving
+    (patience_exhausted) or the budget ends; the checkpoint with the best source-language dev F1 is kept (no
+    target-language data is used). Saves out/model."""
     source = args.source
     tok = data.load_tokenizer(model_dir)
     labels, _, train = load_examples(data_dir, "train", [source], tok, None, args.max_len)
@@ -365,10 +376,11 @@ def finetune(args, out, model_dir, data_dir, seed):
     device = device_of(args)
     model.to(device).train()
     opt = metapeft.make_optimizer(phi, args.finetune_lr, args.weight_decay)
-    sched = metapeft.make_scheduler(opt, args.finetune_steps // 10, args.finetune_steps)
+    # Warm-up, then constant: the learning rate at a step depends neither on the budget nor on when the run stops.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.finetune_warmup + 1)))
     pad = tok.token_to_id("<pad>")
     per_epoch = math.ceil(len(train) / args.batch_size)
-    best = {"f1": -1.0, "step": 0, "phi": {n: p.detach().clone() for n, p in phi.items()}}
+    best = {"f1": -1.0, "step": 0, "phi": {n: p.detach().clone() for n, p in phi.items()}, "dev_f1s": []}
     eval_every = args.eval_every or per_epoch
 
     epoch_batches = functools.lru_cache(1)(lambda epoch: data.batches(train, args.batch_size, pad, True, seed, epoch))
@@ -382,14 +394,17 @@ def finetune(args, out, model_dir, data_dir, seed):
         if (step + 1) % eval_every == 0 or step + 1 == args.finetune_steps:
             f1 = metapeft.evaluate(model, dev, dev_sents, labels, pad, args.eval_batch_size)["f1"]
             metrics["dev_f1"] = f1
+            best["dev_f1s"].append(f1)
             if f1 > best["f1"]:
                 best.update(f1=f1, step=step + 1, phi={n: p.detach().clone() for n, p in phi.items()})
+            metrics["stop"] = patience_exhausted(best["dev_f1s"], args.patience)
         return metrics
 
     train_loop(out, "finetune", args.finetune_steps, step_fn, {"model": model, "opt": opt, "sched": sched}, best,
                args.ckpt_every, args.resume)
     copy_into(phi, best["phi"])
-    log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']}")
+    log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']}, stopped after "
+        f"{len(best['dev_f1s'])} dev evaluations")
     save_model(model, out / "model", model_dir)
     return out / "model"
 
@@ -528,8 +543,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("fine-tuning, evaluation, pretraining")
     a(g, "--phi-init", choices=("fresh", "primed"), default="fresh",
       help="downstream PEFT + head start: fresh, or the meta-learned init saved by priming")
-    a(g, "--finetune-steps", type=int, default=600, help="PEFT training steps on the source language")
+    a(g, "--finetune-steps", type=int, default=600, help="most PEFT training steps on the source language")
+    a(g, "--patience", type=int, default=5,
+      help="stop fine-tuning after this many source-dev evaluations without a new best F1 (0: run all steps)")
     a(g, "--finetune-lr", type=float, default=2e-3, help="PEFT AdamW learning rate")
+    a(g, "--finetune-warmup", type=int, default=30, help="PEFT learning-rate warm-up steps, then constant")
     a(g, "--batch-size", type=int, default=32, help="sentences per fine-tuning / pretraining batch")
     a(g, "--eval-every", type=int, default=0, help="steps between source-dev evaluations (0: once an epoch)")
     a(g, "--eval-batch-size", type=int, default=64, help="sentences per evaluation batch")
