@@ -10,15 +10,18 @@ Every run writes to its own folder: config.json (all resolved flags), metrics.js
 with --resume --out DIR) and its outputs. See README.md.
 """
 import argparse
+import contextlib
 import functools
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -145,20 +148,21 @@ def copy_into(dst, src):
 
 # ----------------------------------------------------------------------------- inputs
 
-def testbed(args, need_model=True):
-    """The synthetic testbed's (model_dir, data_dir), generated and MLM-pretrained on first use, then cached."""
-    root = Path(args.testbed)
+def testbed(args, seed, need_model=True):
+    """The (model_dir, data_dir) of the synthetic testbed world `seed`, generated and MLM-pretrained on first use,
+    then cached in <--testbed>-<seed>."""
+    root = Path(f"{args.testbed}-{seed}")
     model_dir, data_dir = root / "pretrain" / "model", root / "data"
     if not (data_dir / "tokenizer.json").exists():
-        log(f"testbed: generating the synthetic multilingual world in {data_dir} (seed {args.testbed_seed})")
+        log(f"testbed: generating the synthetic multilingual world in {data_dir} (seed {seed})")
         shutil.rmtree(root / "data.tmp", ignore_errors=True)
-        data.make_world(root / "data.tmp", data.WorldConfig(seed=args.testbed_seed))
+        data.make_world(root / "data.tmp", data.WorldConfig(seed=seed))
         data.write_tokenizer(root / "data.tmp")
         shutil.rmtree(data_dir, ignore_errors=True)
         os.replace(root / "data.tmp", data_dir)
     if need_model and not (model_dir / "tokenizer.json").exists():  # the tokenizer is copied last
         log("testbed: MLM-pretraining a tiny encoder on the testbed's text (once; it is cached)")
-        pretrain(args, root / "pretrain", data_dir, None, args.testbed_seed, resume=True)
+        pretrain(args, root / "pretrain", data_dir, None, seed, resume=True)
     return model_dir, data_dir
 
 
@@ -177,7 +181,7 @@ def resolve_inputs(args):
             raise UsageError(f"--model {model}: no model.safetensors (or its sharded index)")
     if args.data is not None:
         return Path(args.model), Path(args.data)
-    model_dir, data_dir = testbed(args, need_model=args.model is None)
+    model_dir, data_dir = testbed(args, args.testbed_seed, need_model=args.model is None)
     if args.model is not None and (data_dir / "tokenizer.json").read_bytes() != (Path(args.model) / "tokenizer.json").read_bytes():
         raise UsageError(f"--model {args.model} is not a testbed model: give --data too")
     return Path(args.model or model_dir), data_dir
@@ -435,43 +439,102 @@ def evaluate(args, out, model_dir, data_dir):
     return result
 
 
+def cell(args, run, model_dir, data_dir, method, seed):
+    """One experiment cell: prime with `method` (none: not at all) -> finetune -> eval into run/results.json."""
+    run.mkdir(parents=True, exist_ok=True)
+    primed = model_dir if method == "none" else prime(args, run / "prime", model_dir, data_dir, method, seed)
+    return evaluate(args, run, finetune(args, run / "finetune", primed, data_dir, seed), data_dir)
+
+
+def logged(path, fn, *fn_args):
+    """fn(*fn_args) with its standard output and error appended to the file `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return fn(*fn_args)
+
+
+def run_jobs(jobs, calls):
+    """Each call (log_file, fn, *fn_args) as fn(*fn_args): here when jobs is 1, else in `jobs` spawned processes
+    with an equal share of the CPU threads and their output in log_file. Yields (call, result) as each ends."""
+    if jobs == 1:
+        yield from ((call, call[1](*call[2:])) for call in calls)
+        return
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(max(1, os.cpu_count() // jobs),))
+    try:
+        futures = {pool.submit(logged, *call): call for call in calls}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def t_quantile(p, dof):
+    """Student's t quantile for p > 0.5: bisection on the CDF, the CDF by Simpson's rule on the density."""
+    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+    pdf = lambda t: c * (1 + t * t / dof) ** (-(dof + 1) / 2)
+    cdf = lambda x, n=1000: 0.5 + x / n / 3 * sum((1 if i in (0, n) else 2 + 2 * (i % 2)) * pdf(i * x / n)
+                                                  for i in range(n + 1))
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def paired(diffs):
+    """Mean of per-seed paired differences, its 95% t confidence interval (None for one seed), and wins (> 0)."""
+    n, mean = len(diffs), statistics.mean(diffs)
+    half = t_quantile(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+    ci = None if half is None else [mean - half, mean + half]
+    return {"mean": mean, "ci95": ci, "wins": sum(d > 0 for d in diffs), "n": n}
+
+
 def experiment(args, out, model_dir, data_dir):
-    """For each seed and method: prime (or not) -> finetune -> eval. One table: mean +- std per language and the
-    target average, and each method's delta against `none`."""
+    """For each seed and method: prime (or not) -> finetune -> eval, in --jobs processes; with --per-world, seed s
+    runs on testbed world s (each world built once, before the cells). experiment.md: mean +- std per language
+    and on the target average, and each method's paired per-seed difference from `none` with its 95% confidence
+    interval and wins; experiment.json: that, per language, and the per-seed scores."""
     methods = args.methods.split(",")
     for m in methods:
         if m not in METHODS:
             raise UsageError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
-    source, _, evals = languages(args, data_dir)
-    results = {}
-    for seed in range(args.seed, args.seed + args.seeds):
-        for m in methods:
-            run = out / f"seed{seed}" / m
-            run.mkdir(parents=True, exist_ok=True)
-            done = run / "results.json"
-            if not done.exists():  # finished cells are kept: a killed experiment resumes cell by cell
-                log(f"experiment: seed {seed}, method {m}")
-                primed = model_dir if m == "none" else prime(args, run / "prime", model_dir, data_dir, m, seed)
-                tuned = finetune(args, run / "finetune", primed, data_dir, seed)
-                evaluate(args, run, tuned, data_dir)
-            results[seed, m] = json.loads(done.read_text())
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    inputs = dict.fromkeys(seeds, (model_dir, data_dir))
+    if args.per_world:
+        worlds = [(Path(f"{args.testbed}-{s}") / "log.txt", testbed, args, s) for s in seeds]
+        inputs = {call[-1]: dirs for call, dirs in run_jobs(args.jobs, worlds)}
+    source, _, evals = languages(args, inputs[seeds[0]][1])
+    # finished cells are kept: a killed experiment resumes cell by cell
+    todo = [(out / f"seed{s}" / m / "log.txt", cell, args, out / f"seed{s}" / m, *inputs[s], m, s)
+            for s in seeds for m in methods if not (out / f"seed{s}" / m / "results.json").exists()]
+    for n, (call, result) in enumerate(run_jobs(args.jobs, todo), 1):
+        log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
+            f"{100 * result['target_avg_f1']:.1f}")
     cols = [source] + evals + ["avg"]
-    score = lambda r, c: 100 * (r["target_avg_f1"] if c == "avg" else r["f1"][c])
-    rows, summary = [], {}
+    scores = {m: {s: json.loads((out / f"seed{s}" / m / "results.json").read_text()) for s in seeds} for m in methods}
+    scores = {m: {s: {c: 100 * (r["target_avg_f1"] if c == "avg" else r["f1"][c]) for c in cols}
+                  for s, r in per_seed.items()} for m, per_seed in scores.items()}
+    spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+    summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
+    vs_none = {m: {c: paired([scores[m][s][c] - scores["none"][s][c] for s in seeds]) for c in cols}
+               for m in methods if m != "none" and "none" in methods}
+    rows = []
     for m in methods:
-        vals = {c: [score(results[s, m], c) for s in range(args.seed, args.seed + args.seeds)] for c in cols}
-        summary[m] = {c: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0} for c, v in vals.items()}
         cells = [f"{summary[m][c]['mean']:.1f} ± {summary[m][c]['std']:.1f}" for c in cols]
-        if "none" in summary and m != "none":
-            delta = summary[m]["avg"]["mean"] - summary["none"]["avg"]["mean"]
-            cells.append(f"{delta:+.1f}")
+        if m in vs_none:
+            d = vs_none[m]["avg"]
+            ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
+            cells += [f"{d['mean']:+.1f}{ci}", f"{d['wins']}/{d['n']}"]
         else:
-            cells.append("")
+            cells += ["", ""]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    head = f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | Δ avg vs none |\n"
-    table = head + "|---" * (len(cols) + 2) + "|\n" + "\n".join(rows) + "\n"
-    note = f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}.\n"
-    atomic_write(out / "experiment.json", lambda f: Path(f).write_text(json.dumps(summary, indent=2) + "\n"))
+    head = f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | Δ avg vs none [95% CI] | wins |\n"
+    table = head + "|---" * (len(cols) + 3) + "|\n" + "\n".join(rows) + "\n"
+    worlds = "one testbed world per seed" if args.per_world else "one world"
+    note = (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, {worlds}. Δ: mean "
+            f"per-seed difference from none on the target average, 95% t-interval; wins: seeds where it beats none.\n")
+    result = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "vs_none": vs_none}
+    atomic_write(out / "experiment.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
     atomic_write(out / "experiment.md", lambda f: Path(f).write_text(table + note))
     print(table + note)
 
@@ -501,7 +564,8 @@ def parse_args(argv=None):
     a(g, "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     a(g, "--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast precision on CUDA (CPU: always fp32)")
     a(g, "--ckpt-every", type=int, default=100, help="steps between checkpoints")
-    a(g, "--testbed", default="runs/testbed", help="where the synthetic testbed (data + pretrained model) is cached")
+    a(g, "--testbed", default="runs/testbed",
+      help="synthetic testbed worlds (data + pretrained model) are cached in <this>-<world seed>")
     a(g, "--testbed-seed", type=int, default=0, help="seed of the synthetic world")
     g = p.add_argument_group("data and episodes")
     a(g, "--source", default="en", help="source language: fine-tuning and episode support batches")
@@ -561,6 +625,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("experiment")
     a(g, "--methods", default=",".join(METHODS), help="comma-separated methods to compare")
     a(g, "--seeds", type=int, default=3, help="seeds per method (seed, seed+1, ...)")
+    a(g, "--per-world", action="store_true", default=False,
+      help="testbed only: seed s runs on its own world, --testbed-seed s (built once each, before the cells)")
+    a(g, "--jobs", type=int, default=1, help="cells (and worlds) run in this many processes, logs in their folders")
     a(g, "--preset", choices=sorted(PRESETS), help="named settings that override the step and seed counts")
     args = p.parse_args(argv)
     for k, v in PRESETS.get(args.preset, {}).items():
@@ -574,16 +641,20 @@ def main(argv=None):
         if args.stage == "pretrain":  # continued MLM of --model on --text, or a fresh tiny encoder on testbed text
             if args.model and not args.text:
                 raise UsageError("--stage pretrain with --model continues MLM on --text FILE: give --text")
-            data_dir = None if args.model else Path(args.data) if args.data else testbed(args, need_model=False)[1]
+            data_dir = None if args.model else Path(args.data) if args.data else testbed(args, args.testbed_seed, need_model=False)[1]
             out = start_run(args, "pretrain")
             target = pretrain(args, out, data_dir, args.model and Path(args.model), args.seed, args.resume)
             log(f"pretrain: model saved to {target}")
             return
-        model_dir, data_dir = resolve_inputs(args)
+        if args.per_world and (args.stage != "experiment" or args.model or args.data):
+            raise UsageError("--per-world: only for --stage experiment on the testbed (no --model, --data)")
+        if args.jobs < 1:
+            raise UsageError(f"--jobs {args.jobs}: expected at least 1")
+        model_dir, data_dir = (None, None) if args.per_world else resolve_inputs(args)
         out = start_run(args, args.stage)
         on_testbed = args.data is None
         if on_testbed:
-            log(f"note: using the built-in synthetic testbed ({data_dir}); for real work pass "
+            log(f"note: using the built-in synthetic testbed ({data_dir or args.testbed + '-<seed>'}); for real work pass "
                 f"--model path/to/xlm-roberta-base --data path/to/panx (see README)")
         if args.stage == "prime":
             primed = prime(args, out, model_dir, data_dir, args.mode, args.seed)
