@@ -1004,3 +1004,25 @@ def test_train_experiment_per_world_builds_one_world_per_seed(tmp_path, monkeypa
         assert tuned == tokenizer(tmp_path / f"tb-{s}" / "data") != tokenizer(tmp_path / f"tb-{other}" / "data")
     assert run_cli(*argv, "--out", tmp_path / "y", "--model", tmp_path / "tb-3" / "pretrain" / "model").startswith(
         "error: --per-world: only for --stage experiment on the testbed")
+
+
+def test_train_probe_stage_on_a_tiny_world(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    common = ["--data", world, *TINY_RUN, "--probe-episodes", 2]
+    assert run_cli("--stage", "prime", "--model", model, "--out", tmp_path / "p", "--prime-steps", 2, *common) == 0
+    primed = tmp_path / "p" / "model"
+    assert run_cli("--stage", "probe", "--model", primed, "--base", model, "--out", tmp_path / "probe",
+                   "--finetune-steps", 50, *common) == 0
+    r = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert list(r["theta_change"]) == ["embeddings", "layer 0", "all"] and all(0 < c < 0.1 for c in r["theta_change"].values())
+    langs = ["el", "es", "de", "ja", "ru", "tr"]
+    assert sorted(r["meta_loss"]["primed"]) == sorted(langs) and r["meta_loss"]["primed"] != r["meta_loss"]["base"]
+    assert set(r["dev_f1_curve"]["base"]) == {"25", "50"} and set(r["dev_f1_curve"]["primed"]["50"]) == {"en", *langs[2:], "target avg"}
+    curve = [json.loads(l) for l in (tmp_path / "probe" / "finetune-primed" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in curve if "dev_f1_ja" in l] == [25, 50]  # patience off, eval every 25 steps
+    assert "| layer 0 |" in (tmp_path / "probe" / "probe.md").read_text()
+    # the same encoder as both: no change, and the same fresh phi and episodes give the same losses
+    assert run_cli("--stage", "probe", "--model", model, "--base", model, "--out", tmp_path / "same",
+                   "--finetune-steps", 25, *common) == 0
+    same = json.loads((tmp_path / "same" / "probe.json").read_text())
+    assert same["theta_change"]["all"] == 0 and same["meta_loss"]["base"] == same["meta_loss"]["primed"]

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -168,7 +169,7 @@ def testbed(args, seed, need_model=True):
 
 def resolve_inputs(args):
     """(model_dir, data_dir): the user's, or the synthetic testbed's."""
-    if (args.model is None) != (args.data is None) and args.stage not in ("finetune", "eval"):
+    if (args.model is None) != (args.data is None) and args.stage not in ("finetune", "eval", "probe"):
         raise UsageError("give both --model and --data (a real checkpoint and its data), or neither (the testbed)")
     if args.data is not None and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
@@ -359,12 +360,12 @@ def patience_exhausted(dev_f1s, patience):
 def finetune(args, out, model_dir, data_dir, seed):
     """Downstream PEFT: theta frozen, PEFT + head trained on the source language until its dev F1 stops improving
     (patience_exhausted) or the budget ends; the checkpoint with the best source-language dev F1 is kept (no
-    target-language data is used). Saves out/model."""
-    source = args.source
+    target-language data is used; --curve-langs only logs their dev F1). Saves out/model."""
+    source, curve = args.source, args.curve_langs.split(",") if args.curve_langs else []
     tok = data.load_tokenizer(model_dir)
     labels, _, train = load_examples(data_dir, "train", [source], tok, None, args.max_len)
-    _, dev_sents, dev = load_examples(data_dir, "dev", [source], tok, labels, args.max_len)
-    train, dev_sents, dev = train[source], dev_sents[source], dev[source]
+    _, dev_sents, dev = load_examples(data_dir, "dev", [source] + curve, tok, labels, args.max_len)
+    train = train[source]
     seed_everything(seed)
     peft = peft_config(args)
     model = load_pretrained(model_dir, labels=labels, peft=peft)
@@ -396,8 +397,10 @@ def finetune(args, out, model_dir, data_dir, seed):
         metrics = {"loss": loss.item(), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
                    "lr": sched.get_last_lr()[0], "tokens": int(batch["attention_mask"].sum())}
         if (step + 1) % eval_every == 0 or step + 1 == args.finetune_steps:
-            f1 = metapeft.evaluate(model, dev, dev_sents, labels, pad, args.eval_batch_size)["f1"]
-            metrics["dev_f1"] = f1
+            f1s = {lang: metapeft.evaluate(model, dev[lang], dev_sents[lang], labels, pad, args.eval_batch_size)["f1"]
+                   for lang in [source] + curve}
+            metrics |= {f"dev_f1_{lang}": f1s[lang] for lang in curve}  # a learning curve for analysis only
+            f1 = metrics["dev_f1"] = f1s[source]
             best["dev_f1s"].append(f1)
             if f1 > best["f1"]:
                 best.update(f1=f1, step=step + 1, phi={n: p.detach().clone() for n, p in phi.items()})
@@ -407,8 +410,8 @@ def finetune(args, out, model_dir, data_dir, seed):
     train_loop(out, "finetune", args.finetune_steps, step_fn, {"model": model, "opt": opt, "sched": sched}, best,
                args.ckpt_every, args.resume)
     copy_into(phi, best["phi"])
-    log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']}, stopped after "
-        f"{len(best['dev_f1s'])} dev evaluations")
+    log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']} "
+        f"({len(best['dev_f1s'])} dev evaluations)")
     save_model(model, out / "model", model_dir)
     return out / "model"
 
@@ -437,6 +440,74 @@ def evaluate(args, out, model_dir, data_dir):
     atomic_write(out / "results.md", lambda f: Path(f).write_text(table))
     print(table)
     return result
+
+
+def probe(args, out, model_dir, data_dir):
+    """What priming changed, the primed --model against the --base it started from (default: the testbed's
+    pretrained encoder): (a) ||theta_primed - theta_base|| / ||theta_base|| per layer group; (b) the priming
+    objective (mode prime, fresh phi) on held-out episodes (seed + 10**6) per priming and target language
+    (targets: their train split, else dev); (c) the PEFT learning curve: dev F1 after 25, 50, 100, ... steps
+    (only the source's selects anything, in finetune). probe.json and probe.md."""
+    if args.model is None:
+        raise UsageError("--stage probe: give the primed encoder as --model (and the unprimed one as --base)")
+    if args.base is None and args.data is not None:
+        raise UsageError("--stage probe with --data: give the unprimed encoder as --base")
+    if args.finetune_steps < 25:
+        raise UsageError(f"--stage probe: --finetune-steps {args.finetune_steps}: the learning curve needs at least 25")
+    models = {"base": Path(args.base) if args.base else testbed(args, args.testbed_seed)[0], "primed": model_dir}
+    source, prime_langs, evals = languages(args, data_dir)
+    base, primed = (theta_phi(load_pretrained(d))[0] for d in models.values())
+    if {n: p.shape for n, p in base.items()} != {n: p.shape for n, p in primed.items()}:
+        raise UsageError(f"--base {models['base']} and --model {model_dir}: different architectures")
+    group = lambda n: f"layer {n.split('.')[2]}" if n.startswith("encoder.layers.") else "embeddings"
+    norm = lambda tensors: math.sqrt(sum(t.double().pow(2).sum().item() for t in tensors))
+    change = {g: norm(primed[n] - base[n] for n in base if g in ("all", group(n))) /
+                 norm(base[n] for n in base if g in ("all", group(n)))
+              for g in [*dict.fromkeys(map(group, base)), "all"]}
+
+    tok, have = data.load_tokenizer(model_dir), data.languages(data_dir, "train")
+    labels, _, examples = load_examples(data_dir, "train", [source] + [l for l in prime_langs + evals if l in have],
+                                        tok, None, args.max_len)
+    examples |= load_examples(data_dir, "dev", [l for l in evals if l not in have], tok, labels, args.max_len)[2]
+    cfg = replace(prime_config(args, "prime"), phi_start="fresh", outer="theta", meta_sgd=False)
+    device, pad, loss = device_of(args), tok.token_to_id("<pad>"), {}
+    for name, folder in models.items():
+        model = load_pretrained(folder, labels=labels, peft=peft_config(args)).to(device).train()
+        seed_everything(args.seed)  # the same fresh phi and dropout for both encoders
+        loss[name] = {}
+        for lang in prime_langs + evals:
+            episodes = data.EpisodeConfig((source,), (lang,), args.support_size, args.query_size, args.tasks, "cross")
+            with autocast(args, device):
+                loss[name][lang] = statistics.mean(
+                    metapeft.meta_loss(model, [(to_device(s, device), to_device(q, device)) for s, q in
+                                               data.episodes(examples, episodes, pad, args.seed + 10**6, step)], cfg).item()
+                    for step in range(args.probe_episodes))
+
+    points = [25 * 2 ** k for k in range(int(math.log2(max(1, args.finetune_steps // 25))) + 1)]
+    tune = argparse.Namespace(**vars(args) | {"patience": 0, "eval_every": 25, "phi_init": "fresh",
+                                              "curve_langs": ",".join(evals)})
+    curve = {}
+    for name, folder in models.items():
+        finetune(tune, out / f"finetune-{name}", folder, data_dir, args.seed)
+        lines = [json.loads(l) for l in (out / f"finetune-{name}" / "metrics.jsonl").read_text().splitlines()]
+        curve[name] = {l["step"]: {source: l["dev_f1"]} | {lang: l[f"dev_f1_{lang}"] for lang in evals}
+                       for l in lines if l["step"] in points}
+        for f1 in curve[name].values():
+            f1["target avg"] = statistics.mean(f1[lang] for lang in evals)
+
+    result = {"base": str(models["base"]), "primed": str(model_dir), "theta_change": change, "meta_loss": loss,
+              "dev_f1_curve": curve}
+    atomic_write(out / "probe.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
+    md = "| layer group | ‖θ primed − θ base‖ / ‖θ base‖ |\n|---|---|\n" + \
+         "".join(f"| {g} | {c:.2e} |\n" for g, c in change.items()) + \
+         "\n| held-out priming loss | base | primed |\n|---|---|---|\n" + \
+         "".join(f"| {lang} ({'priming' if lang in prime_langs else 'target'}) | {loss['base'][lang]:.4f} | "
+                 f"{loss['primed'][lang]:.4f} |\n" for lang in prime_langs + evals) + \
+         f"\n| PEFT steps | {source} dev F1 base | primed | target dev F1 avg base | primed |\n|---|---|---|---|---|\n" + \
+         "".join(f"| {p} | " + " | ".join(f"{100 * curve[m][p][c]:.1f}" for c in (source, "target avg")
+                                          for m in models) + " |\n" for p in points)
+    atomic_write(out / "probe.md", lambda f: Path(f).write_text(md))
+    print(md)
 
 
 def cell(args, run, model_dir, data_dir, method, seed):
@@ -551,9 +622,9 @@ def parse_args(argv=None):
                                 argument_default=None)
     a = lambda g, *n, **k: g.add_argument(*n, **{**k, "help": k["help"] + " (default: %(default)s)"})
     g = p.add_argument_group("run")
-    a(g, "--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment"), default="prime",
+    a(g, "--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment", "probe"), default="prime",
       help="pretrain: MLM; prime: meta-learn theta for PEFT; finetune: PEFT on the source language; eval: per-language "
-           "test F1; experiment: none/multitask/maml/prime x seeds -> one table")
+           "test F1; experiment: none/multitask/maml/prime x seeds -> one table; probe: primed --model vs --base")
     a(g, "--model", help="Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json), e.g. "
       "xlm-roberta-base; omitted: the synthetic testbed's pretrained encoder")
     a(g, "--data", help="NER data folder: XTREME's {split}-{lang}.tsv or {lang}/{split}.{tsv,conll,jsonl}; "
@@ -611,6 +682,8 @@ def parse_args(argv=None):
     a(g, "--patience", type=int, default=5,
       help="stop fine-tuning after this many source-dev evaluations without a new best F1 (0: run all steps)")
     a(g, "--finetune-lr", type=float, default=2e-3, help="PEFT AdamW learning rate")
+    a(g, "--curve-langs", help="comma-separated languages whose dev F1 finetune also logs (analysis only, never "
+      "selects); omitted: none")
     a(g, "--finetune-warmup", type=int, default=30, help="PEFT learning-rate warm-up steps, then constant")
     a(g, "--batch-size", type=int, default=32, help="sentences per fine-tuning / pretraining batch")
     a(g, "--eval-every", type=int, default=0, help="steps between source-dev evaluations (0: once an epoch)")
@@ -628,6 +701,8 @@ def parse_args(argv=None):
     a(g, "--per-world", action="store_true", default=False,
       help="testbed only: seed s runs on its own world, --testbed-seed s (built once each, before the cells)")
     a(g, "--jobs", type=int, default=1, help="cells (and worlds) run in this many processes, logs in their folders")
+    a(g, "--base", help="probe: the unprimed encoder --model was primed from; omitted: the testbed's pretrained one")
+    a(g, "--probe-episodes", type=int, default=10, help="probe: held-out meta-batches per language for the priming loss")
     a(g, "--preset", choices=sorted(PRESETS), help="named settings that override the step and seed counts")
     args = p.parse_args(argv)
     for k, v in PRESETS.get(args.preset, {}).items():
@@ -667,6 +742,9 @@ def main(argv=None):
         elif args.stage == "eval":
             evaluate(args, out, model_dir, data_dir)
             log(f"eval: results in {out}/results.json and results.md")
+        elif args.stage == "probe":
+            probe(args, out, model_dir, data_dir)
+            log(f"probe: tables in {out}/probe.md, numbers in probe.json")
         else:
             experiment(args, out, model_dir, data_dir)
             log(f"experiment: table in {out}/experiment.md")
