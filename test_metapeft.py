@@ -1,4 +1,5 @@
 """Tests for metapeft. transformers, peft and seqeval appear here only, as reference implementations."""
+import functools
 import json
 import os
 import random
@@ -1027,12 +1028,95 @@ def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):
             "--methods", "none,prime", "--prime-steps", 2, "--finetune-steps", 2, *TINY_RUN]
     assert run_cli(*argv) == 0
     table = (tmp_path / "x" / "experiment.md").read_text()
-    summary = json.loads((tmp_path / "x" / "experiment.json").read_text())
+    result = json.loads((tmp_path / "x" / "experiment.json").read_text())
+    summary, diff = result["summary"], result["vs_none"]["prime"]
     assert set(summary) == {"none", "prime"} and set(summary["prime"]) == {"en", "de", "ja", "ru", "tr", "avg"}
-    scores = [json.loads((tmp_path / "x" / f"seed{s}" / "prime" / "results.json").read_text())["target_avg_f1"]
-              for s in (0, 1)]
-    assert summary["prime"]["avg"]["mean"] == pytest.approx(100 * sum(scores) / 2)
-    assert table.startswith("| method | en (source) |") and "| prime |" in table
+    avg = {m: [json.loads((tmp_path / "x" / f"seed{s}" / m / "results.json").read_text())["target_avg_f1"] * 100
+               for s in (0, 1)] for m in ("none", "prime")}
+    assert summary["prime"]["avg"]["mean"] == pytest.approx(sum(avg["prime"]) / 2)
+    d = [p - n for p, n in zip(avg["prime"], avg["none"])]
+    half = 12.7062 * abs(d[0] - d[1]) / 2  # t(0.975, 1) * stdev / sqrt(2), with stdev = |d0 - d1| / sqrt(2)
+    assert diff["avg"]["mean"] == pytest.approx(sum(d) / 2) and diff["avg"]["wins"] == sum(x > 0 for x in d)
+    assert diff["avg"]["ci95"] == pytest.approx([sum(d) / 2 - half, sum(d) / 2 + half], abs=1e-3)
+    assert set(diff) == set(summary["prime"]) and result["scores"]["prime"]["1"]["avg"] == avg["prime"][1]
+    assert table.startswith("| method | en (source) |") and "| prime |" in table and f"| {diff['avg']['wins']}/2 |" in table
     mtime = (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime
     assert run_cli(*argv) == 0  # finished cells are kept, not rerun
     assert (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime == mtime
+
+
+def test_train_patience_rule_stops_at_the_right_step():
+    curve = [0.1, 0.3, 0.2, 0.3, 0.25, 0.4, 0.1, 0.2, 0.3]  # the tie at eval 4 is no improvement
+    stops = lambda patience: [n for n in range(1, len(curve) + 1) if train.patience_exhausted(curve[:n], patience)]
+    assert stops(3)[0] == 5 and stops(1)[0] == 3 and stops(4) == [] and stops(0) == []
+
+
+def test_train_finetune_stops_early_and_a_stopped_run_stays_stopped(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    argv = ["--stage", "finetune", "--model", model, "--data", world, "--out", tmp_path / "f", *TINY_RUN,
+            "--finetune-steps", 40, "--eval-every", 1, "--patience", 2, "--ckpt-every", 100]
+    assert run_cli(*argv) == 0
+    lines = [json.loads(l) for l in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    f1s = [l["dev_f1"] for l in lines]
+    assert len(lines) < 40 and train.patience_exhausted(f1s, 2) and not train.patience_exhausted(f1s[:-1], 2)
+    before = weights(tmp_path / "f" / "model")
+    assert run_cli(*argv, "--resume") == 0
+    assert (tmp_path / "f" / "metrics.jsonl").read_text().count("\n") == len(lines)
+    after = weights(tmp_path / "f" / "model")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_train_t_quantile():
+    for dof, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (8, 2.3060), (30, 2.0423), (1000, 1.9623)):
+        assert train.t_quantile(0.975, dof) == pytest.approx(t, abs=2e-4)
+
+
+def test_train_experiment_jobs_2_gives_the_same_table_as_jobs_1(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    argv = ["--stage", "experiment", "--model", model, "--data", world, "--seeds", 2, "--methods", "none,multitask",
+            "--prime-steps", 2, "--finetune-steps", 3, "--eval-every", 1, *TINY_RUN]
+    assert run_cli(*argv, "--out", tmp_path / "j1", "--jobs", 1) == 0
+    assert run_cli(*argv, "--out", tmp_path / "j2", "--jobs", 2) == 0
+    assert (tmp_path / "j1" / "experiment.md").read_bytes() == (tmp_path / "j2" / "experiment.md").read_bytes()
+    assert (tmp_path / "j1" / "experiment.json").read_bytes() == (tmp_path / "j2" / "experiment.json").read_bytes()
+    assert "finetune: best en dev F1" in (tmp_path / "j2" / "seed1" / "multitask" / "log.txt").read_text()
+    a, b = (weights(tmp_path / j / "seed1" / "multitask" / "finetune" / "model") for j in ("j1", "j2"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_experiment_per_world_builds_one_world_per_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "WorldConfig", functools.partial(data.WorldConfig, **_TINY))
+    monkeypatch.setattr(data, "write_tokenizer", functools.partial(data.write_tokenizer, vocab_size=600))
+    argv = ["--stage", "experiment", "--per-world", "--testbed", tmp_path / "tb", "--seed", 3, "--seeds", 2,
+            "--methods", "none", "--pretrain-steps", 2, "--finetune-steps", 2, *TINY_RUN]
+    assert run_cli(*argv, "--out", tmp_path / "x") == 0
+    worlds = [(tmp_path / f"tb-{s}" / "data" / "train-en.tsv").read_text() for s in (3, 4)]
+    assert worlds[0] != worlds[1] and (tmp_path / "tb-4" / "pretrain" / "model" / "model.safetensors").exists()
+    tokenizer = lambda folder: (folder / "tokenizer.json").read_bytes()
+    for s, other in ((3, 4), (4, 3)):  # each cell's model has its own world's tokenizer
+        tuned = tokenizer(tmp_path / "x" / f"seed{s}" / "none" / "finetune" / "model")
+        assert tuned == tokenizer(tmp_path / f"tb-{s}" / "data") != tokenizer(tmp_path / f"tb-{other}" / "data")
+    assert run_cli(*argv, "--out", tmp_path / "y", "--model", tmp_path / "tb-3" / "pretrain" / "model").startswith(
+        "error: --per-world: only for --stage experiment on the testbed")
+
+
+def test_train_probe_stage_on_a_tiny_world(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    common = ["--data", world, *TINY_RUN, "--probe-episodes", 2]
+    assert run_cli("--stage", "prime", "--model", model, "--out", tmp_path / "p", "--prime-steps", 2, *common) == 0
+    primed = tmp_path / "p" / "model"
+    assert run_cli("--stage", "probe", "--model", primed, "--base", model, "--out", tmp_path / "probe",
+                   "--finetune-steps", 50, *common) == 0
+    r = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert list(r["theta_change"]) == ["embeddings", "layer 0", "all"] and all(0 < c < 0.1 for c in r["theta_change"].values())
+    langs = ["el", "es", "de", "ja", "ru", "tr"]
+    assert sorted(r["meta_loss"]["primed"]) == sorted(langs) and r["meta_loss"]["primed"] != r["meta_loss"]["base"]
+    assert set(r["dev_f1_curve"]["base"]) == {"25", "50"} and set(r["dev_f1_curve"]["primed"]["50"]) == {"en", *langs[2:], "target avg"}
+    curve = [json.loads(l) for l in (tmp_path / "probe" / "finetune-primed" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in curve if "dev_f1_ja" in l] == [25, 50]  # patience off, eval every 25 steps
+    assert "| layer 0 |" in (tmp_path / "probe" / "probe.md").read_text()
+    # the same encoder as both: no change, and the same fresh phi and episodes give the same losses
+    assert run_cli("--stage", "probe", "--model", model, "--base", model, "--out", tmp_path / "same",
+                   "--finetune-steps", 25, *common) == 0
+    same = json.loads((tmp_path / "same" / "probe.json").read_text())
+    assert same["theta_change"]["all"] == 0 and same["meta_loss"]["base"] == same["meta_loss"]["primed"]

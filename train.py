@@ -10,15 +10,19 @@ Every run writes to its own folder: config.json (all resolved flags), metrics.js
 with --resume --out DIR) and its outputs. See README.md.
 """
 import argparse
+import contextlib
 import functools
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,7 +53,7 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.every = max(1, total // 20)
 
-    def update(self, step, metrics):
+    def update(self, step, metrics, last=False):
         seconds = max(time.time() - self.t0, 1e-9)
         self.tokens += metrics.get("tokens", 0)
         rate = (step - self.start) / seconds
@@ -58,9 +62,9 @@ class Progress:
         line = (f"{self.name} {step}/{self.total} {items} | {self.tokens / seconds:.0f} tok/s "
                 f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
         if self.tty:
-            print(f"\r{line[:shutil.get_terminal_size().columns - 1]}\033[K", end="" if step < self.total else "\n",
+            print(f"\r{line[:shutil.get_terminal_size().columns - 1]}\033[K", end="\n" if last or step == self.total else "",
                   file=sys.stderr, flush=True)
-        elif step % self.every == 0 or step == self.total:
+        elif step % self.every == 0 or last or step == self.total:
             log(line)
 
 
@@ -92,9 +96,10 @@ def to_device(batch, device):
 def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, resume=False):
     """Run step_fn(step) -> metrics for steps [start, total): progress line, metrics.jsonl, and an atomic
     checkpoint (every tensor in `state`'s objects, RNG states, the `extra` dict) every ckpt_every steps.
-    Batches are pure functions of (seed, step), so the step count is the whole data position."""
+    Batches are pure functions of (seed, step), so the step count is the whole data position.
+    metrics["stop"] = True ends the run early: checkpointed at that step, so a resumed stopped run stays stopped."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt, metrics_file, start = out / f"checkpoint-{name}.pt", out / "metrics.jsonl", 0
+    ckpt, metrics_file, start, stop = out / f"checkpoint-{name}.pt", out / "metrics.jsonl", 0, False
     if resume and ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
         for key, obj in state.items():
@@ -105,24 +110,27 @@ def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, res
         random.setstate(saved["rng"]["python"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        start = saved["step"]
+        start, stop = saved["step"], saved["stop"]
         log(f"{name}: resumed from {ckpt} at step {start}")
     if metrics_file.exists():  # drop what a killed run logged after its last checkpoint
         lines = [l for l in metrics_file.read_text().splitlines()
                  if json.loads(l)["stage"] != name or json.loads(l)["step"] <= start]
         atomic_write(metrics_file, lambda f: Path(f).write_text("".join(l + "\n" for l in lines)))
     progress = Progress(name, total, start)
-    for step in range(start, total):
+    for step in range(start, start if stop else total):
         metrics = step_fn(step)
+        stop = metrics.pop("stop", False)
         with open(metrics_file, "a") as f:
             f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
-        progress.update(step + 1, metrics)
-        if (step + 1) % ckpt_every == 0 or step + 1 == total:
+        progress.update(step + 1, metrics, last=stop)
+        if (step + 1) % ckpt_every == 0 or step + 1 == total or stop:
             blob = {key: obj.state_dict() for key, obj in state.items()} | {
-                "step": step + 1, "extra": extra or {},
+                "step": step + 1, "stop": stop, "extra": extra or {},
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
             atomic_write(ckpt, lambda f: torch.save(blob, f))
+        if stop:
+            break
 
 
 class Stateful:
@@ -141,26 +149,27 @@ def copy_into(dst, src):
 
 # ----------------------------------------------------------------------------- inputs
 
-def testbed(args, need_model=True):
-    """The synthetic testbed's (model_dir, data_dir), generated and MLM-pretrained on first use, then cached."""
-    root = Path(args.testbed)
+def testbed(args, seed, need_model=True):
+    """The (model_dir, data_dir) of the synthetic testbed world `seed`, generated and MLM-pretrained on first use,
+    then cached in <--testbed>-<seed>."""
+    root = Path(f"{args.testbed}-{seed}")
     model_dir, data_dir = root / "pretrain" / "model", root / "data"
     if not (data_dir / "tokenizer.json").exists():
-        log(f"testbed: generating the synthetic multilingual world in {data_dir} (seed {args.testbed_seed})")
+        log(f"testbed: generating the synthetic multilingual world in {data_dir} (seed {seed})")
         shutil.rmtree(root / "data.tmp", ignore_errors=True)
-        data.make_world(root / "data.tmp", data.WorldConfig(seed=args.testbed_seed))
+        data.make_world(root / "data.tmp", data.WorldConfig(seed=seed))
         data.write_tokenizer(root / "data.tmp")
         shutil.rmtree(data_dir, ignore_errors=True)
         os.replace(root / "data.tmp", data_dir)
     if need_model and not (model_dir / "tokenizer.json").exists():  # the tokenizer is copied last
         log("testbed: MLM-pretraining a tiny encoder on the testbed's text (once; it is cached)")
-        pretrain(args, root / "pretrain", data_dir, None, args.testbed_seed, resume=True)
+        pretrain(args, root / "pretrain", data_dir, None, seed, resume=True)
     return model_dir, data_dir
 
 
 def resolve_inputs(args):
     """(model_dir, data_dir): the user's, or the synthetic testbed's."""
-    if (args.model is None) != (args.data is None) and args.stage not in ("finetune", "eval"):
+    if (args.model is None) != (args.data is None) and args.stage not in ("finetune", "eval", "probe"):
         raise UsageError("give both --model and --data (a real checkpoint and its data), or neither (the testbed)")
     if args.data is not None and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
@@ -173,7 +182,7 @@ def resolve_inputs(args):
             raise UsageError(f"--model {model}: no model.safetensors (or its sharded index)")
     if args.data is not None:
         return Path(args.model), Path(args.data)
-    model_dir, data_dir = testbed(args, need_model=args.model is None)
+    model_dir, data_dir = testbed(args, args.testbed_seed, need_model=args.model is None)
     if args.model is not None and (data_dir / "tokenizer.json").read_bytes() != (Path(args.model) / "tokenizer.json").read_bytes():
         raise UsageError(f"--model {args.model} is not a testbed model: give --data too")
     return Path(args.model or model_dir), data_dir
@@ -348,14 +357,21 @@ def prime(args, out, model_dir, data_dir, mode, seed):
     return out / "model"
 
 
+def patience_exhausted(dev_f1s, patience):
+    """Early stopping: True once the best of the dev F1s so far (the first of equals) is `patience` evaluations
+    old. patience 0: never (the run takes its whole budget)."""
+    return patience > 0 and len(dev_f1s) - 1 - dev_f1s.index(max(dev_f1s)) >= patience
+
+
 def finetune(args, out, model_dir, data_dir, seed):
-    """Downstream PEFT: theta frozen, PEFT + head trained on the source language; the checkpoint with the best
-    source-language dev F1 is kept (no target-language data is used). Saves out/model."""
-    source = args.source
+    """Downstream PEFT: theta frozen, PEFT + head trained on the source language until its dev F1 stops improving
+    (patience_exhausted) or the budget ends; the checkpoint with the best source-language dev F1 is kept (no
+    target-language data is used; --curve-langs only logs their dev F1). Saves out/model."""
+    source, curve = args.source, args.curve_langs.split(",") if args.curve_langs else []
     tok = data.load_tokenizer(model_dir)
     labels, _, train = load_examples(data_dir, "train", [source], tok, None, args.max_len)
-    _, dev_sents, dev = load_examples(data_dir, "dev", [source], tok, labels, args.max_len)
-    train, dev_sents, dev = train[source], dev_sents[source], dev[source]
+    _, dev_sents, dev = load_examples(data_dir, "dev", [source] + curve, tok, labels, args.max_len)
+    train = train[source]
     seed_everything(seed)
     peft = peft_config(args)
     model = load_pretrained(model_dir, labels=labels, peft=peft)
@@ -371,10 +387,11 @@ def finetune(args, out, model_dir, data_dir, seed):
     device = device_of(args)
     model.to(device).train()
     opt = metapeft.make_optimizer(phi, args.finetune_lr, args.weight_decay)
-    sched = metapeft.make_scheduler(opt, args.finetune_steps // 10, args.finetune_steps)
+    # Warm-up, then constant: the learning rate at a step depends neither on the budget nor on when the run stops.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.finetune_warmup + 1)))
     pad = tok.token_to_id("<pad>")
     per_epoch = math.ceil(len(train) / args.batch_size)
-    best = {"f1": -1.0, "step": 0, "phi": {n: p.detach().clone() for n, p in phi.items()}}
+    best = {"f1": -1.0, "step": 0, "phi": {n: p.detach().clone() for n, p in phi.items()}, "dev_f1s": []}
     eval_every = args.eval_every or per_epoch
 
     epoch_batches = functools.lru_cache(1)(lambda epoch: data.batches(train, args.batch_size, pad, True, seed, epoch))
@@ -386,16 +403,21 @@ def finetune(args, out, model_dir, data_dir, seed):
         metrics = {"loss": loss.item(), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
                    "lr": sched.get_last_lr()[0], "tokens": int(batch["attention_mask"].sum())}
         if (step + 1) % eval_every == 0 or step + 1 == args.finetune_steps:
-            f1 = metapeft.evaluate(model, dev, dev_sents, labels, pad, args.eval_batch_size)["f1"]
-            metrics["dev_f1"] = f1
+            f1s = {lang: metapeft.evaluate(model, dev[lang], dev_sents[lang], labels, pad, args.eval_batch_size)["f1"]
+                   for lang in [source] + curve}
+            metrics |= {f"dev_f1_{lang}": f1s[lang] for lang in curve}  # a learning curve for analysis only
+            f1 = metrics["dev_f1"] = f1s[source]
+            best["dev_f1s"].append(f1)
             if f1 > best["f1"]:
                 best.update(f1=f1, step=step + 1, phi={n: p.detach().clone() for n, p in phi.items()})
+            metrics["stop"] = patience_exhausted(best["dev_f1s"], args.patience)
         return metrics
 
     train_loop(out, "finetune", args.finetune_steps, step_fn, {"model": model, "opt": opt, "sched": sched}, best,
                args.ckpt_every, args.resume)
     copy_into(phi, best["phi"])
-    log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']}")
+    log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']} "
+        f"({len(best['dev_f1s'])} dev evaluations)")
     save_model(model, out / "model", model_dir)
     return out / "model"
 
@@ -426,43 +448,170 @@ def evaluate(args, out, model_dir, data_dir):
     return result
 
 
+def probe(args, out, model_dir, data_dir):
+    """What priming changed, the primed --model against the --base it started from (default: the testbed's
+    pretrained encoder): (a) ||theta_primed - theta_base|| / ||theta_base|| per layer group; (b) the priming
+    objective (mode prime, fresh phi) on held-out episodes (seed + 10**6) per priming and target language
+    (targets: their train split, else dev); (c) the PEFT learning curve: dev F1 after 25, 50, 100, ... steps
+    (only the source's selects anything, in finetune). probe.json and probe.md."""
+    if args.model is None:
+        raise UsageError("--stage probe: give the primed encoder as --model (and the unprimed one as --base)")
+    if args.base is None and args.data is not None:
+        raise UsageError("--stage probe with --data: give the unprimed encoder as --base")
+    if args.finetune_steps < 25:
+        raise UsageError(f"--stage probe: --finetune-steps {args.finetune_steps}: the learning curve needs at least 25")
+    models = {"base": Path(args.base) if args.base else testbed(args, args.testbed_seed)[0], "primed": model_dir}
+    source, prime_langs, evals = languages(args, data_dir)
+    base, primed = (theta_phi(load_pretrained(d))[0] for d in models.values())
+    if {n: p.shape for n, p in base.items()} != {n: p.shape for n, p in primed.items()}:
+        raise UsageError(f"--base {models['base']} and --model {model_dir}: different architectures")
+    group = lambda n: f"layer {n.split('.')[2]}" if n.startswith("encoder.layers.") else "embeddings"
+    norm = lambda tensors: math.sqrt(sum(t.double().pow(2).sum().item() for t in tensors))
+    change = {g: norm(primed[n] - base[n] for n in base if g in ("all", group(n))) /
+                 norm(base[n] for n in base if g in ("all", group(n)))
+              for g in [*dict.fromkeys(map(group, base)), "all"]}
+
+    tok, have = data.load_tokenizer(model_dir), data.languages(data_dir, "train")
+    labels, _, examples = load_examples(data_dir, "train", [source] + [l for l in prime_langs + evals if l in have],
+                                        tok, None, args.max_len)
+    examples |= load_examples(data_dir, "dev", [l for l in evals if l not in have], tok, labels, args.max_len)[2]
+    cfg = replace(prime_config(args, "prime"), phi_start="fresh", outer="theta", meta_sgd=False)
+    device, pad, loss = device_of(args), tok.token_to_id("<pad>"), {}
+    for name, folder in models.items():
+        model = load_pretrained(folder, labels=labels, peft=peft_config(args)).to(device).train()
+        seed_everything(args.seed)  # the same fresh phi and dropout for both encoders
+        loss[name] = {}
+        for lang in prime_langs + evals:
+            episodes = data.EpisodeConfig((source,), (lang,), args.support_size, args.query_size, args.tasks, "cross")
+            with autocast(args, device):
+                loss[name][lang] = statistics.mean(
+                    metapeft.meta_loss(model, [(to_device(s, device), to_device(q, device)) for s, q in
+                                               data.episodes(examples, episodes, pad, args.seed + 10**6, step)], cfg).item()
+                    for step in range(args.probe_episodes))
+
+    points = [25 * 2 ** k for k in range(int(math.log2(max(1, args.finetune_steps // 25))) + 1)]
+    tune = argparse.Namespace(**vars(args) | {"patience": 0, "eval_every": 25, "phi_init": "fresh",
+                                              "curve_langs": ",".join(evals)})
+    curve = {}
+    for name, folder in models.items():
+        finetune(tune, out / f"finetune-{name}", folder, data_dir, args.seed)
+        lines = [json.loads(l) for l in (out / f"finetune-{name}" / "metrics.jsonl").read_text().splitlines()]
+        curve[name] = {l["step"]: {source: l["dev_f1"]} | {lang: l[f"dev_f1_{lang}"] for lang in evals}
+                       for l in lines if l["step"] in points}
+        for f1 in curve[name].values():
+            f1["target avg"] = statistics.mean(f1[lang] for lang in evals)
+
+    result = {"base": str(models["base"]), "primed": str(model_dir), "theta_change": change, "meta_loss": loss,
+              "dev_f1_curve": curve}
+    atomic_write(out / "probe.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
+    md = "| layer group | ‖θ primed − θ base‖ / ‖θ base‖ |\n|---|---|\n" + \
+         "".join(f"| {g} | {c:.2e} |\n" for g, c in change.items()) + \
+         "\n| held-out priming loss | base | primed |\n|---|---|---|\n" + \
+         "".join(f"| {lang} ({'priming' if lang in prime_langs else 'target'}) | {loss['base'][lang]:.4f} | "
+                 f"{loss['primed'][lang]:.4f} |\n" for lang in prime_langs + evals) + \
+         f"\n| PEFT steps | {source} dev F1 base | primed | target dev F1 avg base | primed |\n|---|---|---|---|---|\n" + \
+         "".join(f"| {p} | " + " | ".join(f"{100 * curve[m][p][c]:.1f}" for c in (source, "target avg")
+                                          for m in models) + " |\n" for p in points)
+    atomic_write(out / "probe.md", lambda f: Path(f).write_text(md))
+    print(md)
+
+
+def cell(args, run, model_dir, data_dir, method, seed):
+    """One experiment cell: prime with `method` (none: not at all) -> finetune -> eval into run/results.json."""
+    run.mkdir(parents=True, exist_ok=True)
+    primed = model_dir if method == "none" else prime(args, run / "prime", model_dir, data_dir, method, seed)
+    return evaluate(args, run, finetune(args, run / "finetune", primed, data_dir, seed), data_dir)
+
+
+def logged(path, fn, *fn_args):
+    """fn(*fn_args) with its standard output and error appended to the file `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return fn(*fn_args)
+
+
+def run_jobs(jobs, calls):
+    """Each call (log_file, fn, *fn_args) as fn(*fn_args): here when jobs is 1, else in `jobs` spawned processes
+    with an equal share of the CPU threads and their output in log_file. Yields (call, result) as each ends."""
+    if jobs == 1:
+        yield from ((call, call[1](*call[2:])) for call in calls)
+        return
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(max(1, os.cpu_count() // jobs),))
+    try:
+        futures = {pool.submit(logged, *call): call for call in calls}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def t_quantile(p, dof):
+    """Student's t quantile for p > 0.5: bisection on the CDF, the CDF by Simpson's rule on the density."""
+    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+    pdf = lambda t: c * (1 + t * t / dof) ** (-(dof + 1) / 2)
+    cdf = lambda x, n=1000: 0.5 + x / n / 3 * sum((1 if i in (0, n) else 2 + 2 * (i % 2)) * pdf(i * x / n)
+                                                  for i in range(n + 1))
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def paired(diffs):
+    """Mean of per-seed paired differences, its 95% t confidence interval (None for one seed), and wins (> 0)."""
+    n, mean = len(diffs), statistics.mean(diffs)
+    half = t_quantile(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+    ci = None if half is None else [mean - half, mean + half]
+    return {"mean": mean, "ci95": ci, "wins": sum(d > 0 for d in diffs), "n": n}
+
+
 def experiment(args, out, model_dir, data_dir):
-    """For each seed and method: prime (or not) -> finetune -> eval. One table: mean +- std per language and the
-    target average, and each method's delta against `none`."""
+    """For each seed and method: prime (or not) -> finetune -> eval, in --jobs processes; with --per-world, seed s
+    runs on testbed world s (each world built once, before the cells). experiment.md: mean +- std per language
+    and on the target average, and each method's paired per-seed difference from `none` with its 95% confidence
+    interval and wins; experiment.json: that, per language, and the per-seed scores."""
     methods = args.methods.split(",")
     for m in methods:
         if m not in METHODS:
             raise UsageError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
-    source, _, evals = languages(args, data_dir)
-    results = {}
-    for seed in range(args.seed, args.seed + args.seeds):
-        for m in methods:
-            run = out / f"seed{seed}" / m
-            run.mkdir(parents=True, exist_ok=True)
-            done = run / "results.json"
-            if not done.exists():  # finished cells are kept: a killed experiment resumes cell by cell
-                log(f"experiment: seed {seed}, method {m}")
-                primed = model_dir if m == "none" else prime(args, run / "prime", model_dir, data_dir, m, seed)
-                tuned = finetune(args, run / "finetune", primed, data_dir, seed)
-                evaluate(args, run, tuned, data_dir)
-            results[seed, m] = json.loads(done.read_text())
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    inputs = dict.fromkeys(seeds, (model_dir, data_dir))
+    if args.per_world:
+        worlds = [(Path(f"{args.testbed}-{s}") / "log.txt", testbed, args, s) for s in seeds]
+        inputs = {call[-1]: dirs for call, dirs in run_jobs(args.jobs, worlds)}
+    source, _, evals = languages(args, inputs[seeds[0]][1])
+    # finished cells are kept: a killed experiment resumes cell by cell
+    todo = [(out / f"seed{s}" / m / "log.txt", cell, args, out / f"seed{s}" / m, *inputs[s], m, s)
+            for s in seeds for m in methods if not (out / f"seed{s}" / m / "results.json").exists()]
+    for n, (call, result) in enumerate(run_jobs(args.jobs, todo), 1):
+        log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
+            f"{100 * result['target_avg_f1']:.1f}")
     cols = [source] + evals + ["avg"]
-    score = lambda r, c: 100 * (r["target_avg_f1"] if c == "avg" else r["f1"][c])
-    rows, summary = [], {}
+    scores = {m: {s: json.loads((out / f"seed{s}" / m / "results.json").read_text()) for s in seeds} for m in methods}
+    scores = {m: {s: {c: 100 * (r["target_avg_f1"] if c == "avg" else r["f1"][c]) for c in cols}
+                  for s, r in per_seed.items()} for m, per_seed in scores.items()}
+    spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+    summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
+    vs_none = {m: {c: paired([scores[m][s][c] - scores["none"][s][c] for s in seeds]) for c in cols}
+               for m in methods if m != "none" and "none" in methods}
+    rows = []
     for m in methods:
-        vals = {c: [score(results[s, m], c) for s in range(args.seed, args.seed + args.seeds)] for c in cols}
-        summary[m] = {c: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0} for c, v in vals.items()}
         cells = [f"{summary[m][c]['mean']:.1f} ± {summary[m][c]['std']:.1f}" for c in cols]
-        if "none" in summary and m != "none":
-            delta = summary[m]["avg"]["mean"] - summary["none"]["avg"]["mean"]
-            cells.append(f"{delta:+.1f}")
+        if m in vs_none:
+            d = vs_none[m]["avg"]
+            ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
+            cells += [f"{d['mean']:+.1f}{ci}", f"{d['wins']}/{d['n']}"]
         else:
-            cells.append("")
+            cells += ["", ""]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    head = f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | Δ avg vs none |\n"
-    table = head + "|---" * (len(cols) + 2) + "|\n" + "\n".join(rows) + "\n"
-    note = f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}.\n"
-    atomic_write(out / "experiment.json", lambda f: Path(f).write_text(json.dumps(summary, indent=2) + "\n"))
+    head = f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | Δ avg vs none [95% CI] | wins |\n"
+    table = head + "|---" * (len(cols) + 3) + "|\n" + "\n".join(rows) + "\n"
+    worlds = "one testbed world per seed" if args.per_world else "one world"
+    note = (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, {worlds}. Δ: mean "
+            f"per-seed difference from none on the target average, 95% t-interval; wins: seeds where it beats none.\n")
+    result = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "vs_none": vs_none}
+    atomic_write(out / "experiment.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
     atomic_write(out / "experiment.md", lambda f: Path(f).write_text(table + note))
     print(table + note)
 
@@ -479,9 +628,9 @@ def parse_args(argv=None):
                                 argument_default=None)
     a = lambda g, *n, **k: g.add_argument(*n, **{**k, "help": k["help"] + " (default: %(default)s)"})
     g = p.add_argument_group("run")
-    a(g, "--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment"), default="prime",
+    a(g, "--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment", "probe"), default="prime",
       help="pretrain: MLM; prime: meta-learn theta for PEFT; finetune: PEFT on the source language; eval: per-language "
-           "test F1; experiment: none/multitask/maml/prime x seeds -> one table")
+           "test F1; experiment: none/multitask/maml/prime x seeds -> one table; probe: primed --model vs --base")
     a(g, "--model", help="Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json), e.g. "
       "xlm-roberta-base; omitted: the synthetic testbed's pretrained encoder")
     a(g, "--data", help="NER data folder: XTREME's {split}-{lang}.tsv or {lang}/{split}.{tsv,conll,jsonl}; "
@@ -492,7 +641,8 @@ def parse_args(argv=None):
     a(g, "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     a(g, "--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast precision on CUDA (CPU: always fp32)")
     a(g, "--ckpt-every", type=int, default=100, help="steps between checkpoints")
-    a(g, "--testbed", default="runs/testbed", help="where the synthetic testbed (data + pretrained model) is cached")
+    a(g, "--testbed", default="runs/testbed",
+      help="synthetic testbed worlds (data + pretrained model) are cached in <this>-<world seed>")
     a(g, "--testbed-seed", type=int, default=0, help="seed of the synthetic world")
     g = p.add_argument_group("data and episodes")
     a(g, "--source", default="en", help="source language: fine-tuning and episode support batches")
@@ -542,8 +692,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("fine-tuning, evaluation, pretraining")
     a(g, "--phi-init", choices=("fresh", "primed"), default="fresh",
       help="downstream PEFT + head start: fresh, or the meta-learned init saved by priming")
-    a(g, "--finetune-steps", type=int, default=600, help="PEFT training steps on the source language")
+    a(g, "--finetune-steps", type=int, default=600, help="most PEFT training steps on the source language")
+    a(g, "--patience", type=int, default=5,
+      help="stop fine-tuning after this many source-dev evaluations without a new best F1 (0: run all steps)")
     a(g, "--finetune-lr", type=float, default=2e-3, help="PEFT AdamW learning rate")
+    a(g, "--curve-langs", help="comma-separated languages whose dev F1 finetune also logs (analysis only, never "
+      "selects); omitted: none")
+    a(g, "--finetune-warmup", type=int, default=30, help="PEFT learning-rate warm-up steps, then constant")
     a(g, "--batch-size", type=int, default=32, help="sentences per fine-tuning / pretraining batch")
     a(g, "--eval-every", type=int, default=0, help="steps between source-dev evaluations (0: once an epoch)")
     a(g, "--eval-batch-size", type=int, default=64, help="sentences per evaluation batch")
@@ -557,6 +712,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("experiment")
     a(g, "--methods", default=",".join(METHODS), help="comma-separated methods to compare")
     a(g, "--seeds", type=int, default=3, help="seeds per method (seed, seed+1, ...)")
+    a(g, "--per-world", action="store_true", default=False,
+      help="testbed only: seed s runs on its own world, --testbed-seed s (built once each, before the cells)")
+    a(g, "--jobs", type=int, default=1, help="cells (and worlds) run in this many processes, logs in their folders")
+    a(g, "--base", help="probe: the unprimed encoder --model was primed from; omitted: the testbed's pretrained one")
+    a(g, "--probe-episodes", type=int, default=10, help="probe: held-out meta-batches per language for the priming loss")
     a(g, "--preset", choices=sorted(PRESETS), help="named settings that override the step and seed counts")
     args = p.parse_args(argv)
     for k, v in PRESETS.get(args.preset, {}).items():
@@ -570,16 +730,20 @@ def main(argv=None):
         if args.stage == "pretrain":  # continued MLM of --model on --text, or a fresh tiny encoder on testbed text
             if args.model and not args.text:
                 raise UsageError("--stage pretrain with --model continues MLM on --text FILE: give --text")
-            data_dir = None if args.model else Path(args.data) if args.data else testbed(args, need_model=False)[1]
+            data_dir = None if args.model else Path(args.data) if args.data else testbed(args, args.testbed_seed, need_model=False)[1]
             out = start_run(args, "pretrain")
             target = pretrain(args, out, data_dir, args.model and Path(args.model), args.seed, args.resume)
             log(f"pretrain: model saved to {target}")
             return
-        model_dir, data_dir = resolve_inputs(args)
+        if args.per_world and (args.stage != "experiment" or args.model or args.data):
+            raise UsageError("--per-world: only for --stage experiment on the testbed (no --model, --data)")
+        if args.jobs < 1:
+            raise UsageError(f"--jobs {args.jobs}: expected at least 1")
+        model_dir, data_dir = (None, None) if args.per_world else resolve_inputs(args)
         out = start_run(args, args.stage)
         on_testbed = args.data is None
         if on_testbed:
-            log(f"note: using the built-in synthetic testbed ({data_dir}); for real work pass "
+            log(f"note: using the built-in synthetic testbed ({data_dir or args.testbed + '-<seed>'}); for real work pass "
                 f"--model path/to/xlm-roberta-base --data path/to/panx (see README)")
         if args.stage == "prime":
             primed = prime(args, out, model_dir, data_dir, args.mode, args.seed)
@@ -592,6 +756,9 @@ def main(argv=None):
         elif args.stage == "eval":
             evaluate(args, out, model_dir, data_dir)
             log(f"eval: results in {out}/results.json and results.md")
+        elif args.stage == "probe":
+            probe(args, out, model_dir, data_dir)
+            log(f"probe: tables in {out}/probe.md, numbers in probe.json")
         else:
             experiment(args, out, model_dir, data_dir)
             log(f"experiment: table in {out}/experiment.md")
