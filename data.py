@@ -408,7 +408,7 @@ def macro_average(per_lang) -> float:
 class WorldConfig:
     seed: int = 0
     languages: tuple = ("en", "de", "ru", "tr", "ja", "es", "el")  # the first is the source
-    priming_only: tuple = ("es", "el")  # train split only: the query languages of priming, never evaluated
+    priming_only: tuple = ("es", "el")  # train and dev only: the query languages of priming, never tested
     n_unlabeled: int = 3000          # monolingual unlabeled sentences per language
     n_parallel: int = 600            # en-X parallel lines per target language
     n_codeswitch: int = 400          # code-switched lines per language
@@ -854,7 +854,7 @@ def make_world(out_dir, cfg=None):
     os.makedirs(out_dir, exist_ok=True)
     world = _build_world(cfg)
     for split, n in (("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)):
-        for lang in [l for l in cfg.languages if split == "train" or l not in cfg.priming_only]:
+        for lang in [l for l in cfg.languages if split != "test" or l not in cfg.priming_only]:
             rng = random.Random(f"{split}-{cfg.seed}-{lang}")
             r = _R(world, lang)
             lines = []

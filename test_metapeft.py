@@ -510,7 +510,7 @@ def test_testbed_deterministic_and_seed_dependent(tmp_path):
     a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
     cfg = data.WorldConfig()
     assert sorted(a) == sorted([f"{s}-{l}.tsv" for s in ("train", "dev", "test") for l in cfg.languages
-                                if s == "train" or l not in cfg.priming_only] + ["tokenizer.json", "unlabeled.txt"])
+                                if s != "test" or l not in cfg.priming_only] + ["tokenizer.json", "unlabeled.txt"])
     assert a == b
     assert sorted(a) == sorted(c) and all(a[f] != c[f] for f in a)
 
@@ -1029,8 +1029,12 @@ def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):
     assert run_cli(*argv) == 0
     table = (tmp_path / "x" / "experiment.md").read_text()
     result = json.loads((tmp_path / "x" / "experiment.json").read_text())
-    summary, diff = result["summary"], result["vs_none"]["prime"]
-    assert set(summary) == {"none", "prime"} and set(summary["prime"]) == {"en", "de", "ja", "ru", "tr", "avg"}
+    summary, diff = result["summary"], result["paired"]["prime - none"]
+    assert set(summary) == {"none", "prime"} and set(summary["prime"]) == {"en", "de", "ja", "ru", "tr", "avg", "select"}
+    dev = json.loads((tmp_path / "x" / "seed1" / "prime" / "results.json").read_text())["dev_f1"]
+    assert set(dev) == {"en", "es", "el"}  # selection sees the source and priming languages only, never a target
+    assert result["scores"]["prime"]["1"]["select"] == pytest.approx(50 * (dev["es"] + dev["el"]))
+    assert "| prime - none |" in table
     avg = {m: [json.loads((tmp_path / "x" / f"seed{s}" / m / "results.json").read_text())["target_avg_f1"] * 100
                for s in (0, 1)] for m in ("none", "prime")}
     assert summary["prime"]["avg"]["mean"] == pytest.approx(sum(avg["prime"]) / 2)

@@ -423,8 +423,10 @@ def finetune(args, out, model_dir, data_dir, seed):
 
 
 def evaluate(args, out, model_dir, data_dir):
-    """Entity F1 on the test split of the source and every evaluation language; results.json + results.md."""
-    source, _, evals = languages(args, data_dir)
+    """Entity F1 on the test split of the source and every evaluation language; results.json + results.md. Also
+    the dev F1 of the source and of the priming languages that have a dev split: what hyper-parameter selection may
+    look at (zero-shot transfer measured without target-language labels)."""
+    source, prime_langs, evals = languages(args, data_dir)
     tok = data.load_tokenizer(model_dir)
     peft = saved_peft_config(model_dir)
     model = load_pretrained(model_dir, peft=peft)
@@ -433,12 +435,17 @@ def evaluate(args, out, model_dir, data_dir):
     if not model.labels:
         raise UsageError(f"--model {model_dir}: no token-classification head (run the finetune stage first)")
     model.to(device_of(args))
-    _, sents, examples = load_examples(data_dir, "test", [source] + evals, tok, model.labels, args.max_len)
     pad = tok.token_to_id("<pad>")
-    per_lang = {lang: metapeft.evaluate(model, examples[lang], sents[lang], model.labels, pad, args.eval_batch_size)
-                for lang in [source] + evals}
+
+    def scores(split, langs):
+        _, sents, examples = load_examples(data_dir, split, langs, tok, model.labels, args.max_len)
+        return {lang: metapeft.evaluate(model, examples[lang], sents[lang], model.labels, pad, args.eval_batch_size)
+                for lang in langs}
+    per_lang = scores("test", [source] + evals)
+    dev = scores("dev", [source] + [l for l in prime_langs if l in data.languages(data_dir, "dev")])
     result = {"model": str(model_dir), "source": source, "f1": {l: r["f1"] for l, r in per_lang.items()},
-              "target_avg_f1": data.macro_average({l: per_lang[l] for l in evals}), "detail": per_lang}
+              "target_avg_f1": data.macro_average({l: per_lang[l] for l in evals}),
+              "dev_f1": {l: r["f1"] for l, r in dev.items()}, "detail": per_lang}
     atomic_write(out / "results.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
     table = "| " + " | ".join([f"{source} (source)"] + evals + ["target avg"]) + " |\n" + \
             "|---" * (len(evals) + 2) + "|\n| " + \
@@ -587,33 +594,42 @@ def experiment(args, out, model_dir, data_dir):
     for n, (call, result) in enumerate(run_jobs(args.jobs, todo), 1):
         log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
             f"{100 * result['target_avg_f1']:.1f}")
-    cols = [source] + evals + ["avg"]
+    cols = [source] + evals + ["avg", "select"]
+    # select: the mean dev F1 of the priming languages (of the source if none has a dev split), the number that
+    # hyper-parameters are chosen by; no target-language label enters it
+    select = lambda r: 100 * statistics.mean([f for l, f in r["dev_f1"].items() if l != source] or [r["dev_f1"][source]])
     scores = {m: {s: json.loads((out / f"seed{s}" / m / "results.json").read_text()) for s in seeds} for m in methods}
-    scores = {m: {s: {c: 100 * (r["target_avg_f1"] if c == "avg" else r["f1"][c]) for c in cols}
-                  for s, r in per_seed.items()} for m, per_seed in scores.items()}
+    scores = {m: {s: {c: select(r) if c == "select" else 100 * (r["target_avg_f1"] if c == "avg" else r["f1"][c])
+                      for c in cols} for s, r in per_seed.items()} for m, per_seed in scores.items()}
     spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
     summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
-    vs_none = {m: {c: paired([scores[m][s][c] - scores["none"][s][c] for s in seeds]) for c in cols}
-               for m in methods if m != "none" and "none" in methods}
+    # every later method against every earlier one (none < multitask < maml < prime by default), paired by seed
+    vs = {f"{a} - {b}": {c: paired([scores[a][s][c] - scores[b][s][c] for s in seeds]) for c in cols}
+          for i, a in enumerate(methods) for b in methods[:i]}
+    vs_none = {m: vs[f"{m} - none"] for m in methods if f"{m} - none" in vs}
+    ci = lambda d: f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
     rows = []
     for m in methods:
         cells = [f"{summary[m][c]['mean']:.1f} ± {summary[m][c]['std']:.1f}" for c in cols]
         if m in vs_none:
             d = vs_none[m]["avg"]
-            ci = f" [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
-            cells += [f"{d['mean']:+.1f}{ci}", f"{d['wins']}/{d['n']}"]
+            cells += [f"{d['mean']:+.1f} {ci(d)}", f"{d['wins']}/{d['n']}"]
         else:
             cells += ["", ""]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    head = f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | Δ avg vs none [95% CI] | wins |\n"
+    head = (f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | selection (dev) "
+            "| Δ avg vs none [95% CI] | wins |\n")
     table = head + "|---" * (len(cols) + 3) + "|\n" + "\n".join(rows) + "\n"
     worlds = "one testbed world per seed" if args.per_world else "one world"
     note = (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, {worlds}. Δ: mean "
-            f"per-seed difference from none on the target average, 95% t-interval; wins: seeds where it beats none.\n")
-    result = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "vs_none": vs_none}
+            f"per-seed difference from none on the target average, 95% t-interval; wins: seeds where it beats none. "
+            f"selection: dev F1 of the priming languages (no target labels), what hyper-parameters are chosen by.\n")
+    pairs = "\n| paired, target avg | Δ | 95% CI | wins |\n|---|---|---|---|\n" + "".join(
+        f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n" for k, d in vs.items())
+    result = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "paired": vs}
     atomic_write(out / "experiment.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
-    atomic_write(out / "experiment.md", lambda f: Path(f).write_text(table + note))
-    print(table + note)
+    atomic_write(out / "experiment.md", lambda f: Path(f).write_text(table + note + pairs))
+    print(table + note + pairs)
 
 
 # ----------------------------------------------------------------------------- command line
