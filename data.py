@@ -108,7 +108,7 @@ def read_ner(path, lang=None, label_names=None) -> list[Sentence]:
     Integer JSON tags are decoded with `label_names`, the record's `labels` or
     `label_names` list, or else the HF wikiann order WIKIANN_LABELS."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()  # splitlines also eats CRLF
+    lines = read_text(path).splitlines()  # splitlines also eats CRLF
     if path.suffix in (".jsonl", ".json"):
         sents, lang = _read_jsonl(path, lines, lang, label_names)
     else:
@@ -116,6 +116,19 @@ def read_ner(path, lang=None, label_names=None) -> list[Sentence]:
     if not sents:
         raise DataError(f"{path}: no sentences found (expected token/tag lines or JSON records)")
     return [Sentence(w, t, lang or "und") for w, t in sents]
+
+
+def read_text(path) -> str:
+    """A UTF-8 text file's contents; an unreadable file or a byte that is not UTF-8 is a DataError naming the file
+    (and the line)."""
+    try:
+        raw = Path(path).read_bytes()
+        return raw.decode("utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8 (expected UTF-8 text)") from None
 
 
 def split_path(data_dir, split, lang) -> Path:
@@ -160,10 +173,21 @@ def check_labels(sentences, labels, where):
 
 # ----------------------------------------------------------------------------- tokenizer
 
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # XLM-R's, which the pipeline relies on
+
+
 def load_tokenizer(path) -> Tokenizer:
     """Load a `tokenizer.json` file, or one from a folder (e.g. an xlm-roberta checkpoint)."""
     path = Path(path)
-    return Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    file = path / "tokenizer.json" if path.is_dir() else path
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for a missing, unreadable or malformed file
+        raise DataError(f"{file}: not a readable tokenizer.json ({e})") from None
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise DataError(f"{file}: no {', '.join(missing)} token (expected an XLM-R tokenizer)")
+    return tok
 
 
 def train_tokenizer(texts, vocab_size=8000) -> Tokenizer:

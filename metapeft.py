@@ -180,16 +180,18 @@ def make_scheduler(opt, warmup, total):
 
 def step(loss, params, opt, sched, clip):
     """Backward into params ({name: tensor}) only, clip their global grad norm, step, zero grads.
-    Returns the norm before clipping."""
+    Returns the norm before clipping. A non-finite norm (a NaN loss gives one) skips the step: parameters, optimizer
+    and schedule stay as they were; the caller sees the norm and decides whether to go on."""
     tensors = list(params.values())
     # inputs= keeps gradients off what is not trained (fresh phi, a fixed phi0, frozen embeddings), and skips
     # computing them at all: no vocab x hidden embedding gradient when the embeddings are frozen.
     loss.backward(inputs=tensors)
-    norm = torch.nn.utils.clip_grad_norm_(tensors, clip or math.inf)
-    opt.step()
-    sched.step()
+    norm = torch.nn.utils.clip_grad_norm_(tensors, clip or math.inf).item()
+    if math.isfinite(norm):
+        opt.step()
+        sched.step()
     opt.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm
 
 
 # ----------------------------------------------------------------------------- evaluation and MLM

@@ -10,13 +10,14 @@ weights. Parameter names split into three groups with one-line filters:
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
@@ -41,12 +42,17 @@ class Config:
     @classmethod
     def from_json(cls, path):
         """Read the fields we know from a Hugging Face config.json; other keys are ignored."""
-        d = json.loads(Path(path).read_text())
+        d = read_json(path)
         cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        for f in fields(cls):  # a wrong type or size would only fail later, deep inside the model's construction
+            v, low = getattr(cfg, f.name), int(f.name != "pad_token_id")
+            want = f"an integer >= {low}" if f.type is int else "a number" if f.type is float else None
+            if want and not (type(v) is int and v >= low if f.type is int else type(v) in (int, float)):
+                raise CheckpointError(f"{path}: {f.name} must be {want}, got {v!r}")
         if cfg.hidden_act != "gelu":  # XLM-R uses exact (erf) GELU; we implement no other
-            raise ValueError(f"{path}: hidden_act must be 'gelu', got {cfg.hidden_act!r}")
+            raise CheckpointError(f"{path}: hidden_act must be 'gelu', got {cfg.hidden_act!r}")
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"{path}: hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads")
+            raise CheckpointError(f"{path}: hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads")
         return cfg
 
 
@@ -324,7 +330,31 @@ def theta_phi(model):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that does not match the model it is loaded into."""
+    """A checkpoint file that cannot be read, or does not match the model it is loaded into; the message names it."""
+
+
+def read_json(path):
+    """The JSON object in a file; anything else is a CheckpointError naming the file."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+@contextmanager
+def open_safetensors(file):
+    """safe_open, with a missing, truncated or foreign file reported as a CheckpointError that names it."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may be stored in
 
 
 def _weight_files(path):
@@ -332,7 +362,10 @@ def _weight_files(path):
         return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: expected a 'weight_map' object (tensor name -> file)")
+        return [path / f for f in sorted(set(map(str, weight_map.values())))]
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -358,12 +391,16 @@ def load_pretrained(path, labels=None, num_labels=None, peft=None, mlm=False):
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json")
     cfg = Config.from_json(path / "config.json")
-    id2label = json.loads((path / "config.json").read_text()).get("id2label") or {}
+    id2label = read_json(path / "config.json").get("id2label") or {}
+    if not isinstance(id2label, dict) or set(id2label) != {str(i) for i in range(len(id2label))}:
+        raise CheckpointError(f"{path / 'config.json'}: id2label must map 0, 1, ... n-1 to label names")
     saved = [id2label[str(i)] for i in range(len(id2label))]
     index = {}  # Hugging Face key -> (file, key as stored, shape)
     for file in _weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            index.update({k: (file, key, tuple(f.get_slice(key).get_shape())) for key in f.keys() if (k := _file_key(key))})
+        with open_safetensors(file) as f:
+            for key in f.keys():
+                if k := _file_key(key):
+                    index[k] = (file, key, tuple(_float_slice(f, file, key).get_shape()))
     if not labels and not num_labels and "classifier.weight" in index:
         num_labels = index["classifier.weight"][2][0]
         labels = saved if len(saved) == num_labels else None
@@ -384,11 +421,19 @@ def load_pretrained(path, labels=None, num_labels=None, peft=None, mlm=False):
             more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
             raise CheckpointError(f"{path}: {what} tensor(s): {', '.join(keys[:10])}{more}")
     for file in {file for file, _, _ in index.values()}:
-        with safe_open(str(file), framework="pt") as f, torch.no_grad():
+        with open_safetensors(file) as f, torch.no_grad():
             for k, (in_file, key, _) in index.items():
                 if in_file == file:
                     want[k].copy_(f.get_tensor(key))
     return model
+
+
+def _float_slice(f, file, key):
+    """f.get_slice(key), checked to hold floating-point numbers."""
+    t = f.get_slice(key)
+    if t.get_dtype() not in FLOAT_DTYPES:
+        raise CheckpointError(f"{file}: tensor {key} is {t.get_dtype()}, expected one of {', '.join(FLOAT_DTYPES)}")
+    return t
 
 
 def saved_peft_config(path):
@@ -396,8 +441,12 @@ def saved_peft_config(path):
     file = Path(path) / PEFT_FILE
     if not file.exists():
         return None
-    with safe_open(str(file), framework="pt") as f:
-        return PeftConfig(**json.loads(f.metadata()["peft_config"]))
+    with open_safetensors(file) as f:
+        meta = f.metadata() or {}
+    try:
+        return PeftConfig(**json.loads(meta["peft_config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: expected a valid peft_config in its metadata ({e})") from None
 
 
 def load_peft(model, path):
@@ -406,12 +455,15 @@ def load_peft(model, path):
     saved = saved_peft_config(path)
     if saved is None:
         raise CheckpointError(f"{file}: not found (this checkpoint has no saved PEFT parameters)")
-    with safe_open(str(file), framework="pt") as f:
+    with open_safetensors(file) as f:
         if saved != model.peft:
             raise CheckpointError(f"{file}: PEFT config {saved} does not match the model's {model.peft}")
         want = {n: p for n, p in model.named_parameters() if is_peft(n)}
         if set(f.keys()) != set(want):
             raise CheckpointError(f"{file}: PEFT tensors differ from the model's: {sorted(set(f.keys()) ^ set(want))[:10]}")
+        wrong = [k for k in f.keys() if tuple(_float_slice(f, file, k).get_shape()) != tuple(want[k].shape)]
+        if wrong:
+            raise CheckpointError(f"{file}: wrongly shaped tensor(s): {', '.join(wrong[:10])}")
         with torch.no_grad():
             for k in f.keys():
                 want[k].copy_(f.get_tensor(k))
