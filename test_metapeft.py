@@ -1,8 +1,13 @@
 """Tests for metapeft. transformers, peft and seqeval appear here only, as reference implementations."""
 import functools
 import json
+import math
 import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
 import warnings
 from dataclasses import replace
 
@@ -10,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
@@ -982,6 +987,7 @@ def test_train_resume_after_a_kill_is_bit_identical(tiny_testbed, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run_cli(*argv, "--out", tmp_path / "killed")
     monkeypatch.setattr(mp, "step", real_step)
+    monkeypatch.setattr(torch, "load", None)  # checkpoints are tensors and JSON: resuming never needs torch.load
     assert not (tmp_path / "killed" / "model").exists()
     assert run_cli(*argv, "--out", tmp_path / "killed", "--resume") == 0
     a, b = weights(tmp_path / "whole" / "model"), weights(tmp_path / "killed" / "model")
@@ -990,25 +996,119 @@ def test_train_resume_after_a_kill_is_bit_identical(tiny_testbed, tmp_path, monk
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_train_bad_input_is_one_line(tiny_testbed, tmp_path, capsys):
+def fails_cleanly(capsys, argv, message):
+    """train.main(argv) exits with code 2 and prints one line, 'error: ...' with message in it (and no traceback:
+    any exception but SystemExit would fail the test)."""
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def copy_with(src, dst, name, content):
+    """A copy of folder src at dst whose file `name` holds content: bytes, a function of the original's bytes, or
+    None (no such file)."""
+    shutil.copytree(src, dst)
+    if content is None:
+        (dst / name).unlink()
+    else:
+        (dst / name).write_bytes(content((src / name).read_bytes()) if callable(content) else content)
+    return dst
+
+
+def cached_testbed(world, testbed):
+    """--testbed for a testbed cache (world seed 0) holding a copy of `world`."""
+    shutil.copytree(world, testbed.parent / f"{testbed.name}-0" / "data")
+    return testbed
+
+
+def more_tokens(raw):
+    tok = data.Tokenizer.from_str(raw.decode())
+    tok.add_tokens(["extra1", "extra2"])
+    return tok.to_str().encode()
+
+
+def ints_for(key):
+    return lambda raw: save({k: v.long() if k == key else v for k, v in load(raw).items()})
+
+
+def not_utf8_on_line_3(raw):
+    first, second, rest = raw.split(b"\n", 2)
+    return b"\n".join([first, second, b"\xff" + rest])
+
+
+QUERY_BIAS = "roberta.encoder.layer.0.attention.self.query.bias"
+BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line says, rejected before the run folder)
+    # the seven cases of issue 13
+    ("finetune --data alone", lambda m, w, t: ["--stage", "finetune", "--data", w], "--data without --model", True),
+    ("truncated safetensors", lambda m, w, t: ["--data", w, "--model", copy_with(m, t / "m", "model.safetensors",
+                                                                                 lambda raw: raw[:-9])],
+     "m/model.safetensors: not a readable safetensors file", False),
+    ("--tasks 0", lambda m, w, t: ["--model", m, "--data", w, "--tasks", 0], "--tasks 0: must be >= 1", True),
+    ("--max-len 1", lambda m, w, t: ["--model", m, "--data", w, "--max-len", 1], "--max-len 1: must be >= 3", True),
+    ("non-UTF-8 data", lambda m, w, t: ["--model", m, "--data", copy_with(w, t / "w", "train-en.tsv", not_utf8_on_line_3)],
+     "w/train-en.tsv:3: byte 0xff is not UTF-8", False),
+    ("--prime-steps -5", lambda m, w, t: ["--model", m, "--data", w, "--prime-steps", -5],
+     "--prime-steps -5: must be >= 0", True),
+    ("--inner-lr nan", lambda m, w, t: ["--model", m, "--data", w, "--inner-lr", "nan"],
+     "--inner-lr nan: must be a finite number > 0", True),
+    # flags and their combinations
+    ("--lora-dropout 1", lambda m, w, t: ["--lora-dropout", 1], "--lora-dropout 1.0: must be in [0, 1)", True),
+    ("--tiny-hidden 48", lambda m, w, t: ["--tiny-hidden", 48], "--tiny-hidden 48: must be a multiple of 32", True),
+    ("--tasks two", lambda m, w, t: ["--tasks", "two"], "argument --tasks: invalid int value: 'two'", True),
+    ("--stage train", lambda m, w, t: ["--stage", "train"], "argument --stage: invalid choice: 'train'", True),
+    ("--mode reptile", lambda m, w, t: ["--mode", "reptile"], "argument --mode: invalid choice: 'reptile'", True),
+    ("--methods", lambda m, w, t: ["--stage", "experiment", "--methods", "none,best"], "unknown method 'best'", True),
+    ("--outer", lambda m, w, t: ["--outer", "theta+phi"], "outer='theta+phi' needs phi_start='meta'", True),
+    ("--inner-backprop", lambda m, w, t: ["--inner-backprop", 2], "inner_backprop must be in [0, inner_steps=1]", True),
+    ("--per-world", lambda m, w, t: ["--per-world"], "--per-world: only for --stage experiment", True),
+    ("--max-len > positions", lambda m, w, t: ["--model", m, "--data", w, "--max-len", 49],
+     "--max-len 49: {m} has position embeddings for at most 48 tokens", False),
+    ("--eval-langs", lambda m, w, t: ["--model", m, "--data", w, "--eval-langs", "xx"], "unknown language 'xx'", False),
+    ("--phi-init primed", lambda m, w, t: ["--stage", "finetune", "--model", m, "--data", w, "--phi-init", "primed"],
+     "has no PEFT init", False),
+    ("--model alone, not the testbed's", lambda m, w, t: ["--testbed", cached_testbed(w, t / "tb"), "--model",
+                                                          copy_with(m, t / "m", "tokenizer.json", more_tokens)],
+     "m is not a testbed model: give --data", True),
+    # files
+    ("no config.json", lambda m, w, t: ["--model", t, "--data", w], "--model {t}: no config.json", True),
+    ("no source language", lambda m, w, t: ["--model", m, "--data", copy_with(w, t / "w", "train-en.tsv", None)],
+     "no train split for the source language 'en'", False),
+    ("safetensors of ints", lambda m, w, t: ["--data", w, "--model", copy_with(m, t / "m", "model.safetensors",
+                                                                               ints_for(QUERY_BIAS))],
+     f"m/model.safetensors: tensor {QUERY_BIAS} is I64, expected one of F16, BF16, F32, F64", False),
+    ("not safetensors", lambda m, w, t: ["--data", w, "--model", copy_with(m, t / "m", "model.safetensors", b"{}")],
+     "m/model.safetensors: not a readable safetensors file", False),
+    ("config.json not JSON", lambda m, w, t: ["--data", w, "--model", copy_with(m, t / "m", "config.json", b"{")],
+     "m/config.json: not a readable JSON file", False),
+    ("config.json value", lambda m, w, t: ["--data", w, "--model", copy_with(
+        m, t / "m", "config.json", lambda raw: json.dumps(json.loads(raw) | {"num_attention_heads": "1"}).encode())],
+     "m/config.json: num_attention_heads must be an integer >= 1, got '1'", False),
+    ("tokenizer.json unreadable", lambda m, w, t: ["--data", w, "--model", copy_with(m, t / "m", "tokenizer.json", b"")],
+     "m/tokenizer.json: not a readable tokenizer.json", False),
+    ("tokenizer > embeddings", lambda m, w, t: ["--data", w, "--model", copy_with(m, t / "m", "tokenizer.json",
+                                                                                  more_tokens)],
+     "m/tokenizer.json: token ids up to 602, but the model's embedding matrix has 601 rows", False),
+    ("peft.safetensors unreadable", lambda m, w, t: ["--stage", "finetune", "--data", w, "--phi-init", "primed",
+                                                     "--model", copy_with(m, t / "m", "peft.safetensors", b"x")],
+     "m/peft.safetensors: not a readable safetensors file", False),
+    ("peft.safetensors without config", lambda m, w, t: ["--stage", "finetune", "--data", w, "--phi-init", "primed",
+                                                         "--model", copy_with(m, t / "m", "peft.safetensors",
+                                                                              save({"x": torch.zeros(1)}))],
+     "m/peft.safetensors: expected a valid peft_config in its metadata", False),
+]
+
+
+@pytest.mark.parametrize("what, argv, message, early", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_train_bad_input_is_one_line(tiny_testbed, tmp_path, capsys, what, argv, message, early):
     model, world = tiny_testbed
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "nosource").mkdir()
-    (tmp_path / "nosource" / "train-de.tsv").write_text("de:Berlin\tB-LOC\n")
-    cases = [
-        (["--model", tmp_path / "empty", "--data", world], "--model {}: no config.json".format(tmp_path / "empty")),
-        (["--model", model, "--data", tmp_path / "nosource"], "no train split for the source language 'en'"),
-        (["--model", model, "--data", world, "--eval-langs", "xx"], "unknown language 'xx'"),
-        (["--model", model, "--data", world, "--outer", "theta+phi"], "outer='theta+phi' needs phi_start='meta'"),
-        (["--model", model, "--data", world, "--inner-backprop", 2], "inner_backprop must be in [0, inner_steps=1]"),
-        (["--model", model], "give both --model and --data"),
-        (["--stage", "finetune", "--model", model, "--data", world, "--phi-init", "primed"], "has no PEFT init"),
-    ]
-    for argv, message in cases:
-        code = run_cli(*argv, "--out", tmp_path / "run", *TINY_RUN)
-        assert isinstance(code, str) and code.startswith("error: ") and message in code and "\n" not in code, code
-    for argv in (["--stage", "train"], ["--mode", "reptile"]):
-        assert run_cli(*argv) == 2 and "invalid choice" in capsys.readouterr().err
+    argv = argv(model, world, tmp_path)
+    fails_cleanly(capsys, [*TINY_RUN, "--out", tmp_path / "run", *argv], message.format(m=model, t=tmp_path))
+    assert (tmp_path / "run").exists() != early  # early: rejected before the run folder is made
+
+
+def test_train_overlap_warning(tiny_testbed, tmp_path, capsys):
+    model, world = tiny_testbed
     run_cli("--model", model, "--data", world, "--prime-langs", "de", "--eval-langs", "de,ru", "--prime-steps", 1,
             "--out", tmp_path / "overlap", *TINY_RUN)
     assert "priming languages ['de'] are also evaluated on" in capsys.readouterr().err
@@ -1020,6 +1120,88 @@ def test_train_inner_optimizer_flags():
                                  (["--inner-opt", "adam", "--inner-lr", "0.1"], "adam", 0.1, 0.01)):
         cfg = train.prime_config(train.parse_args(argv), "prime")
         assert (cfg.inner_opt, cfg.inner_lr, cfg.inner_weight_decay) == (opt, lr, decay)
+
+
+def test_train_every_numeric_flag_has_a_range():
+    args = vars(train.parse_args([]))
+    assert {k for k, v in args.items() if type(v) in (int, float)} <= set(train.RANGES) <= set(args)
+
+
+def test_train_bad_checkpoints_are_one_line(tiny_testbed, tmp_path, capsys):
+    model, world = tiny_testbed
+    argv = ["--model", model, "--data", world, *TINY_RUN, "--prime-steps", 2]
+    assert run_cli(*argv, "--out", tmp_path / "run") == 0 and run_cli(*argv, "--out", tmp_path / "other", "--lora-r", 4) == 0
+    argv.append("--resume")
+    ckpt = tmp_path / "run" / "checkpoint-prime-prime.safetensors"
+    fails_cleanly(capsys, [*argv, "--out", tmp_path / "run", "--lora-r", 4], "--resume: flags differ from the run in")
+    shutil.copyfile(tmp_path / "other" / ckpt.name, ckpt)
+    fails_cleanly(capsys, [*argv, "--out", tmp_path / "run"], f"{ckpt}: not a checkpoint of this run (")
+    save_file({"x": torch.zeros(1)}, ckpt)
+    fails_cleanly(capsys, [*argv, "--out", tmp_path / "run"], f"{ckpt}: not a checkpoint of this run (")
+    ckpt.write_bytes(ckpt.read_bytes()[:-1])
+    fails_cleanly(capsys, [*argv, "--out", tmp_path / "run"], f"{ckpt}: not a readable safetensors file")
+    (tmp_path / "run" / "config.json").write_text("[]")
+    fails_cleanly(capsys, [*argv, "--out", tmp_path / "run"], f"{tmp_path / 'run' / 'config.json'}: expected a JSON object")
+
+
+def checkpoint(path):
+    """(metadata state, tensors) of a train.py checkpoint."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_train_nonfinite_loss_stops_keeps_the_last_checkpoint_and_resumes(tiny_testbed, tmp_path, monkeypatch, capsys):
+    model, world = tiny_testbed
+    argv = ["--model", model, "--data", world, *TINY_RUN, "--prime-steps", 6]
+    assert run_cli(*argv, "--out", tmp_path / "whole") == 0
+    real_loss, calls = mp.meta_loss, []
+
+    def nan_in_step_5(*a, **k):
+        calls.append(1)
+        return real_loss(*a, **k) * (math.nan if len(calls) == 5 else 1.0)
+
+    monkeypatch.setattr(mp, "meta_loss", nan_in_step_5)
+    capsys.readouterr()
+    assert run_cli(*argv, "--out", tmp_path / "nan") == 2
+    ckpt = tmp_path / "nan" / "checkpoint-prime-prime.safetensors"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: prime-prime: non-finite meta_loss, grad_norm at step 5: stopped, {ckpt} kept "
+        f"(--skip-nonfinite N skips up to N such steps)")
+    meta, tensors = checkpoint(ckpt)
+    assert meta["step"] == 4 and all(t.isfinite().all() for t in tensors.values() if t.is_floating_point())
+    assert not (tmp_path / "nan" / "model").exists()
+    monkeypatch.setattr(mp, "meta_loss", real_loss)
+    assert run_cli(*argv, "--out", tmp_path / "nan", "--resume") == 0
+    a, b = weights(tmp_path / "whole" / "model"), weights(tmp_path / "nan" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    calls.clear()  # with --skip-nonfinite 1 the NaN step is skipped (no update) and counted
+    monkeypatch.setattr(mp, "meta_loss", nan_in_step_5)
+    assert run_cli(*argv, "--out", tmp_path / "skip", "--skip-nonfinite", 1) == 0
+    lines = [json.loads(l) for l in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [l.get("nonfinite_skipped") for l in lines] == [None] * 4 + [1, None] and lines[4]["meta_loss"] is None
+    assert all(t.isfinite().all() for t in weights(tmp_path / "skip" / "model").values())
+
+
+def test_train_sigterm_checkpoints_at_a_step_and_resumes_to_the_same_weights(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    argv = [str(a) for a in ["--model", model, "--data", world, *TINY_RUN, "--prime-steps", 6, "--ckpt-every", 4]]
+    # A real process that is sent SIGTERM during step 3; it finishes the step, checkpoints it and exits 128 + 15.
+    driver = ("import os, signal, sys, metapeft\nstep, calls = metapeft.step, []\n"
+              "def terminated_in_step_3(*a):\n    calls.append(1)\n"
+              "    if len(calls) == 3:\n        os.kill(os.getpid(), signal.SIGTERM)\n    return step(*a)\n"
+              "metapeft.step = terminated_in_step_3\nimport train\ntrain.main(sys.argv[1:])\n")
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", driver, *argv, "--out", str(out)], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (f"prime-prime: stopped by SIGTERM after step 3, checkpoint saved in {out}; "
+                                            f"to go on, run the same command with --resume --out {out}")
+    assert checkpoint(out / "checkpoint-prime-prime.safetensors")[0]["step"] == 3 and not (out / "model").exists()
+    assert run_cli(*argv, "--out", out, "--resume") == 0
+    assert run_cli(*argv, "--out", tmp_path / "whole") == 0
+    a, b = weights(tmp_path / "whole" / "model"), weights(out / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):
@@ -1100,8 +1282,7 @@ def test_train_experiment_per_world_builds_one_world_per_seed(tmp_path, monkeypa
     for s, other in ((3, 4), (4, 3)):  # each cell's model has its own world's tokenizer
         tuned = tokenizer(tmp_path / "x" / f"seed{s}" / "none" / "finetune" / "model")
         assert tuned == tokenizer(tmp_path / f"tb-{s}" / "data") != tokenizer(tmp_path / f"tb-{other}" / "data")
-    assert run_cli(*argv, "--out", tmp_path / "y", "--model", tmp_path / "tb-3" / "pretrain" / "model").startswith(
-        "error: --per-world: only for --stage experiment on the testbed")
+    assert run_cli(*argv, "--out", tmp_path / "y", "--model", tmp_path / "tb-3" / "pretrain" / "model") == 2
 
 
 def test_train_probe_stage_on_a_tiny_world(tiny_testbed, tmp_path):

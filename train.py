@@ -6,8 +6,8 @@
     python train.py --stage experiment --preset quick  # none / multitask / maml / prime, several seeds
     python train.py --stage prime --model xlm-roberta-base/ --data panx/   # real checkpoint and PAN-X data
 
-Every run writes to its own folder: config.json (all resolved flags), metrics.jsonl, checkpoint-<stage>.pt (resume
-with --resume --out DIR) and its outputs. See README.md.
+Every run writes to its own folder: config.json (all resolved flags), metrics.jsonl, checkpoint-<stage>.safetensors
+(resume with --resume --out DIR) and its outputs. See README.md.
 """
 import argparse
 import contextlib
@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -26,17 +27,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import data
 import metapeft
 from model import CheckpointError, Config, Model, PeftConfig, atomic_write, fresh_phi, load_peft, load_pretrained, \
-    saved_peft_config, theta_phi
+    open_safetensors, read_json, saved_peft_config, theta_phi
 
 METHODS = ("none", "multitask", "maml", "prime")
 
 
 class UsageError(Exception):
-    """A user mistake: reported as one line, exit code 2, no traceback."""
+    """A user mistake, or a run that cannot go on (it diverged): reported as one line, exit code 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a stage at a step boundary, after a checkpoint. args: (message, signal number)."""
 
 
 # ----------------------------------------------------------------------------- run hygiene
@@ -75,8 +81,9 @@ def start_run(args, stage):
     if args.resume:
         if not (out / "config.json").exists():
             raise UsageError(f"--resume: {out}/config.json not found (give --out the folder of the run to resume)")
-        old = json.loads((out / "config.json").read_text())
-        diff = sorted(k for k in config.keys() | old.keys() if config.get(k) != old.get(k))
+        old = read_json(out / "config.json")
+        # --skip-nonfinite may change: it only decides what a non-finite step does, e.g. one that stopped this run
+        diff = sorted(k for k in config.keys() | old.keys() if config.get(k) != old.get(k) and k != "skip_nonfinite")
         if diff:
             raise UsageError(f"--resume: flags differ from the run in {out}: {', '.join(diff)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -93,15 +100,89 @@ def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, resume=False):
-    """Run step_fn(step) -> metrics for steps [start, total): progress line, metrics.jsonl, and an atomic
-    checkpoint (every tensor in `state`'s objects, RNG states, the `extra` dict) every ckpt_every steps.
-    Batches are pure functions of (seed, step), so the step count is the whole data position.
-    metrics["stop"] = True ends the run early: checkpointed at that step, so a resumed stopped run stays stopped."""
+def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, resume=False, skip_nonfinite=0):
+    """Run step_fn(step) -> metrics for steps [start, total): progress line, metrics.jsonl, and a checkpoint
+    (save_checkpoint) every ckpt_every steps. Batches are pure functions of (seed, step), so the step count is the
+    whole data position. metrics["stop"] = True ends the run early: checkpointed at that step, so a resumed stopped
+    run stays stopped. Ctrl-C or SIGTERM: the step in progress ends, is checkpointed, and Interrupted is raised.
+    A non-finite metric (metapeft.step then left the weights alone) stops the run, the last checkpoint kept, unless
+    it is one of the first skip_nonfinite such steps: those are skipped and counted in metrics.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt, metrics_file, start, stop = out / f"checkpoint-{name}.pt", out / "metrics.jsonl", 0, False
-    if resume and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+    ckpt, metrics_file = out / f"checkpoint-{name}.safetensors", out / "metrics.jsonl"
+    start, stop, skipped = load_checkpoint(ckpt, state, extra) if resume and ckpt.exists() else (0, False, 0)
+    if start:
+        log(f"{name}: resumed from {ckpt} at step {start}")
+    if metrics_file.exists():  # drop what a killed run logged after its last checkpoint
+        lines = [l for l in metrics_file.read_text().splitlines() if logged_by_then(l, name, start)]
+        atomic_write(metrics_file, lambda f: Path(f).write_text("".join(l + "\n" for l in lines)))
+    progress, signals = Progress(name, total, start), []
+
+    def on_signal(signum, frame):
+        if signals:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        signals.append(signum)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for step in range(start, start if stop else total):
+            metrics = step_fn(step)
+            stop = metrics.pop("stop", False)
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            if bad:
+                skipped += 1
+                if skipped > skip_nonfinite:
+                    kept = f"{ckpt} kept" if ckpt.exists() else "no checkpoint yet"
+                    raise UsageError(f"{name}: non-finite {', '.join(bad)} at step {step + 1}: stopped, {kept} "
+                                     f"(--skip-nonfinite N skips up to N such steps)")
+                metrics |= dict.fromkeys(bad) | {"nonfinite_skipped": skipped}
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
+            progress.update(step + 1, metrics, last=stop)
+            if (step + 1) % ckpt_every == 0 or step + 1 == total or stop or signals:
+                save_checkpoint(ckpt, state, extra, step + 1, stop, skipped)
+            if signals:
+                raise Interrupted(f"{name}: stopped by {signal.Signals(signals[0]).name} after step {step + 1}, "
+                                  f"checkpoint saved in {out}", signals[0])
+            if stop:
+                break
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def logged_by_then(line, name, start):
+    """Whether a metrics.jsonl line was logged before step `start` of stage `name` (or by another stage)."""
+    try:
+        m = json.loads(line)
+    except json.JSONDecodeError:  # cut by a kill
+        return False
+    return m["stage"] != name or m["step"] <= start
+
+
+def save_checkpoint(path, state, extra, step, stop, skipped):
+    """Save `state`'s objects' state_dicts, `extra`, the RNG states and the loop's counters as plain data, no code:
+    every tensor in one safetensors file under its path (model.encoder..., opt.state.0.exp_avg), the rest as JSON in
+    its metadata. One file: one atomic rename. A state with non-finite values is refused, so the last good checkpoint
+    stays."""
+    blob = {key: obj.state_dict() for key, obj in state.items()} | {
+        "step": step, "stop": stop, "skipped": skipped, "extra": extra or {},
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    tensors = {}
+    meta = json.dumps(to_json(blob, tensors))
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise UsageError(f"{path}: not overwritten: non-finite values at step {step} in {', '.join(bad[:3])}")
+    atomic_write(path, lambda f: save_file(tensors, f, metadata={"state": meta}))
+
+
+def load_checkpoint(path, state, extra):
+    """Restore what save_checkpoint wrote into `state`'s objects, `extra` and the RNGs; returns (step, stop,
+    skipped). Only tensors and JSON are read, so a checkpoint from elsewhere cannot run code."""
+    with open_safetensors(path) as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get("state")
+    try:
+        saved = from_json(json.loads(meta), tensors)
         for key, obj in state.items():
             obj.load_state_dict(saved[key])
         if extra is not None:
@@ -110,27 +191,38 @@ def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, res
         random.setstate(saved["rng"]["python"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        start, stop = saved["step"], saved["stop"]
-        log(f"{name}: resumed from {ckpt} at step {start}")
-    if metrics_file.exists():  # drop what a killed run logged after its last checkpoint
-        lines = [l for l in metrics_file.read_text().splitlines()
-                 if json.loads(l)["stage"] != name or json.loads(l)["step"] <= start]
-        atomic_write(metrics_file, lambda f: Path(f).write_text("".join(l + "\n" for l in lines)))
-    progress = Progress(name, total, start)
-    for step in range(start, start if stop else total):
-        metrics = step_fn(step)
-        stop = metrics.pop("stop", False)
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
-        progress.update(step + 1, metrics, last=stop)
-        if (step + 1) % ckpt_every == 0 or step + 1 == total or stop:
-            blob = {key: obj.state_dict() for key, obj in state.items()} | {
-                "step": step + 1, "stop": stop, "extra": extra or {},
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-            atomic_write(ckpt, lambda f: torch.save(blob, f))
-        if stop:
-            break
+        return saved["step"], saved["stop"], saved["skipped"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # not a train.py checkpoint, or another run's
+        raise CheckpointError(f"{path}: not a checkpoint of this run ({' '.join(str(e).split())[:300]})") from None
+
+
+JSON_TAGS = ("tensor", "tuple", "items")
+
+
+def to_json(obj, tensors, key=""):
+    """obj as JSON, each tensor moved into `tensors` under its path (opt.state.0.exp_avg) and replaced by
+    {"tensor": path}; tuples and dicts with keys JSON would change (the optimizer's ints) are tagged to come back."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key[1:]] = obj.detach().cpu().contiguous()
+        return {"tensor": key[1:]}
+    if isinstance(obj, (list, tuple)):
+        items = [to_json(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+        return {"tuple": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, dict):
+        items = [[k, to_json(v, tensors, f"{key}.{k}")] for k, v in obj.items()]
+        return dict(items) if all(type(k) is str and k not in JSON_TAGS for k in obj) else {"items": items}
+    return obj
+
+
+def from_json(obj, tensors):
+    """The inverse of to_json."""
+    if isinstance(obj, dict) and len(obj) == 1 and (tag := next(iter(obj))) in JSON_TAGS:
+        v = obj[tag]
+        return tensors[v] if tag == "tensor" else tuple(from_json(v, tensors)) if tag == "tuple" else \
+            {k: from_json(x, tensors) for k, x in v}
+    if isinstance(obj, dict):
+        return {k: from_json(v, tensors) for k, v in obj.items()}
+    return [from_json(v, tensors) for v in obj] if isinstance(obj, list) else obj
 
 
 class Stateful:
@@ -168,9 +260,9 @@ def testbed(args, seed, need_model=True):
 
 
 def resolve_inputs(args):
-    """(model_dir, data_dir): the user's, or the synthetic testbed's."""
-    if (args.model is None) != (args.data is None) and args.stage not in ("finetune", "eval", "probe"):
-        raise UsageError("give both --model and --data (a real checkpoint and its data), or neither (the testbed)")
+    """(model_dir, data_dir) by one rule for every stage: what is not given is the synthetic testbed's, so --data
+    alone needs a stage that makes its own model (pretrain), and --model alone a model with the testbed's tokenizer.
+    model_dir is None when pretraining from scratch, data_dir None when pretraining --model on --text alone."""
     if args.data is not None and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
     if args.model is not None:
@@ -180,12 +272,20 @@ def resolve_inputs(args):
                 raise UsageError(f"--model {model}: no {need} (expected a Hugging Face checkpoint folder)")
         if not list(model.glob("model.safetensors*")):
             raise UsageError(f"--model {model}: no model.safetensors (or its sharded index)")
+    pretrain = args.stage == "pretrain"
     if args.data is not None:
-        return Path(args.model), Path(args.data)
-    model_dir, data_dir = testbed(args, args.testbed_seed, need_model=args.model is None)
-    if args.model is not None and (data_dir / "tokenizer.json").read_bytes() != (Path(args.model) / "tokenizer.json").read_bytes():
-        raise UsageError(f"--model {args.model} is not a testbed model: give --data too")
-    return Path(args.model or model_dir), data_dir
+        if args.model is None and not pretrain:
+            raise UsageError(f"--data without --model: give the checkpoint to use on {args.data} (the testbed's "
+                             "encoder fits only the testbed's data)")
+        return args.model and Path(args.model), Path(args.data)
+    if pretrain and args.model and args.text:
+        return Path(args.model), None
+    model_dir, data_dir = testbed(args, args.testbed_seed, need_model=args.model is None and not pretrain)
+    if args.model is None:
+        return None if pretrain else model_dir, data_dir
+    if (data_dir / "tokenizer.json").read_bytes() != (Path(args.model) / "tokenizer.json").read_bytes():
+        raise UsageError(f"--model {args.model} is not a testbed model: give --data" + " or --text" * pretrain)
+    return Path(args.model), data_dir
 
 
 def languages(args, data_dir):
@@ -238,8 +338,25 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and device.type == "cuda")
 
 
+def load_model(model_dir, tok, args, **kw):
+    """load_pretrained(model_dir, **kw), checked against the tokenizer and --max-len before any forward pass."""
+    model = load_pretrained(model_dir, **kw)
+    cfg, n_tokens = model.cfg, max(tok.get_vocab().values()) + 1
+    if n_tokens > cfg.vocab_size:
+        raise CheckpointError(f"{model_dir / 'tokenizer.json'}: token ids up to {n_tokens - 1}, but the model's "
+                              f"embedding matrix has {cfg.vocab_size} rows (expected the model's own tokenizer)")
+    if args.max_len + cfg.pad_token_id >= cfg.max_position_embeddings:  # positions count from pad_token_id + 1
+        raise UsageError(f"--max-len {args.max_len}: {model_dir} has position embeddings for at most "
+                         f"{cfg.max_position_embeddings - cfg.pad_token_id - 1} tokens")
+    return model
+
+
 def save_model(model, out, model_dir):
-    """The model in the Hugging Face layout, with the tokenizer beside it, so it is a complete checkpoint."""
+    """The model in the Hugging Face layout, with the tokenizer beside it, so it is a complete checkpoint. Never one
+    with non-finite weights."""
+    bad = [n for n, p in model.named_parameters() if not p.isfinite().all()]
+    if bad:
+        raise UsageError(f"{out}: not saved: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
     model.save_pretrained(out)
     shutil.copyfile(Path(model_dir) / "tokenizer.json", Path(out) / "tokenizer.json")
 
@@ -255,14 +372,14 @@ def pretrain(args, out, data_dir, model_dir, seed, resume):
     text = Path(args.text) if args.text else Path(data_dir) / "unlabeled.txt"
     if not text.exists():
         raise UsageError(f"--text {text}: file not found")
-    lines = [l for l in text.read_text(encoding="utf-8").splitlines() if l.strip()]
+    lines = [l for l in data.read_text(text).splitlines() if l.strip()]
     if len(lines) < 20:
         raise UsageError(f"--text {text}: {len(lines)} lines of text, expected at least 20")
     rows = [e.ids[:args.max_len - 1] + [tok.token_to_id("</s>")] for e in tok.encode_batch(lines)]
     examples = [data.Example(r, [data.IGNORE] * len(r), i, []) for i, r in enumerate(rows)]
     held_out, train = examples[::50], [e for i, e in enumerate(examples) if i % 50]
     if model_dir:
-        model = load_pretrained(model_dir, mlm=True)
+        model = load_model(model_dir, tok, args, mlm=True)
     else:
         cfg = Config(vocab_size=tok.get_vocab_size(), hidden_size=args.tiny_hidden, num_hidden_layers=args.tiny_layers,
                      num_attention_heads=args.tiny_hidden // 32, intermediate_size=4 * args.tiny_hidden,
@@ -300,7 +417,8 @@ def pretrain(args, out, data_dir, model_dir, seed, resume):
                 "tokens": int(batch["attention_mask"].sum())}
 
     state = {"model": model, "opt": opt, "sched": sched, "masks": Stateful(gen.get_state, gen.set_state)}
-    train_loop(out, "pretrain", args.pretrain_steps, step_fn, state, extra, args.ckpt_every, resume)
+    train_loop(out, "pretrain", args.pretrain_steps, step_fn, state, extra, args.ckpt_every, resume,
+               args.skip_nonfinite)
     extra["loss_after"] = held_out_loss()
     log(f"pretrain: held-out MLM loss {extra['loss_before']:.3f} (untrained) -> {extra['loss_after']:.3f} (pretrained)")
     atomic_write(out / "pretrain.json", lambda f: Path(f).write_text(json.dumps(extra, indent=2) + "\n"))
@@ -325,7 +443,7 @@ def prime(args, out, model_dir, data_dir, mode, seed):
     tok = data.load_tokenizer(model_dir)
     labels, _, examples = load_examples(data_dir, "train", [source] + prime_langs, tok, None, args.max_len)
     seed_everything(seed)
-    model = load_pretrained(model_dir, labels=labels, peft=peft_config(args))
+    model = load_model(model_dir, tok, args, labels=labels, peft=peft_config(args))
     cfg = prime_config(args, mode)
     device = device_of(args)
     model.to(device).train()
@@ -352,7 +470,8 @@ def prime(args, out, model_dir, data_dir, mode, seed):
         if inner_lrs:
             state["inner_lrs"] = Stateful(lambda: {k: v.detach().clone() for k, v in inner_lrs.items()},
                                           lambda saved: copy_into(inner_lrs, saved))
-        train_loop(out, f"prime-{mode}", args.prime_steps, step_fn, state, None, args.ckpt_every, args.resume)
+        train_loop(out, f"prime-{mode}", args.prime_steps, step_fn, state, None, args.ckpt_every, args.resume,
+                   args.skip_nonfinite)
     save_model(model, out / "model", model_dir)
     return out / "model"
 
@@ -374,7 +493,7 @@ def finetune(args, out, model_dir, data_dir, seed):
     train = train[source]
     seed_everything(seed)
     peft = peft_config(args)
-    model = load_pretrained(model_dir, labels=labels, peft=peft)
+    model = load_model(model_dir, tok, args, labels=labels, peft=peft)
     theta, phi = theta_phi(model)
     if args.phi_init == "primed":
         if saved_peft_config(model_dir) != peft:
@@ -414,7 +533,7 @@ def finetune(args, out, model_dir, data_dir, seed):
         return metrics
 
     train_loop(out, "finetune", args.finetune_steps, step_fn, {"model": model, "opt": opt, "sched": sched}, best,
-               args.ckpt_every, args.resume)
+               args.ckpt_every, args.resume, args.skip_nonfinite)
     copy_into(phi, best["phi"])
     log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']} "
         f"({len(best['dev_f1s'])} dev evaluations)")
@@ -429,7 +548,7 @@ def evaluate(args, out, model_dir, data_dir):
     source, prime_langs, evals = languages(args, data_dir)
     tok = data.load_tokenizer(model_dir)
     peft = saved_peft_config(model_dir)
-    model = load_pretrained(model_dir, peft=peft)
+    model = load_model(model_dir, tok, args, peft=peft)
     if peft:
         load_peft(model, model_dir)
     if not model.labels:
@@ -485,7 +604,7 @@ def probe(args, out, model_dir, data_dir):
     cfg = replace(prime_config(args, "prime"), phi_start="fresh", outer="theta", meta_sgd=False)
     device, pad, loss = device_of(args), tok.token_to_id("<pad>"), {}
     for name, folder in models.items():
-        model = load_pretrained(folder, labels=labels, peft=peft_config(args)).to(device).train()
+        model = load_model(folder, tok, args, labels=labels, peft=peft_config(args)).to(device).train()
         seed_everything(args.seed)  # the same fresh phi and dropout for both encoders
         loss[name] = {}
         for lang in prime_langs + evals:
@@ -579,9 +698,6 @@ def experiment(args, out, model_dir, data_dir):
     and on the target average, and each method's paired per-seed difference from `none` with its 95% confidence
     interval and wins; experiment.json: that, per language, and the per-seed scores."""
     methods = args.methods.split(",")
-    for m in methods:
-        if m not in METHODS:
-            raise UsageError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
     seeds = list(range(args.seed, args.seed + args.seeds))
     inputs = dict.fromkeys(seeds, (model_dir, data_dir))
     if args.per_world:
@@ -639,9 +755,56 @@ PRESETS = {  # --preset quick: the whole experiment on the testbed in a few minu
 }
 
 
+# Allowed values of every numeric flag: flag -> (test, what the error says). Checked before any work; None (a flag
+# whose default is derived from others) passes. 0 means "none" or "skip" where the flag's help says so.
+AT_LEAST_0, AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+RATE = (lambda v: 0 < v < math.inf, "a finite number > 0")  # NaN fails every comparison
+FINITE_AT_LEAST_0 = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
+RANGES = {
+    "seed": AT_LEAST_0, "ckpt_every": AT_LEAST_1, "skip_nonfinite": AT_LEAST_0, "testbed_seed": AT_LEAST_0,
+    "max_len": (lambda v: v >= 3, ">= 3 (<s>, </s> and one labelled subword)"),
+    "support_size": AT_LEAST_1, "support_batches": AT_LEAST_1, "query_size": AT_LEAST_1, "tasks": AT_LEAST_1,
+    "lora_r": AT_LEAST_1, "lora_alpha": RATE, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adapter_size": AT_LEAST_1, "prime_steps": AT_LEAST_0, "inner_steps": AT_LEAST_0, "inner_lr": RATE,
+    "inner_backprop": AT_LEAST_0, "prime_lr": RATE, "prime_warmup": AT_LEAST_0, "finetune_steps": AT_LEAST_1,
+    "patience": AT_LEAST_0, "finetune_lr": RATE, "finetune_warmup": AT_LEAST_0, "batch_size": AT_LEAST_1,
+    "eval_every": AT_LEAST_0, "eval_batch_size": AT_LEAST_1, "weight_decay": FINITE_AT_LEAST_0,
+    "clip": FINITE_AT_LEAST_0, "pretrain_steps": AT_LEAST_0, "pretrain_lr": RATE,
+    "tiny_hidden": (lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (heads = width / 32)"),
+    "tiny_layers": AT_LEAST_1, "seeds": AT_LEAST_1, "jobs": AT_LEAST_1, "probe_episodes": AT_LEAST_1,
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through main's handler, not argparse's usage block
+        raise UsageError(f"{message} (see --help)")
+
+
+def check_args(args):
+    """Reject out-of-range numbers and invalid settings before any work, in one line naming the flag."""
+    for name, (ok, allowed) in RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be {allowed}")
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            raise UsageError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
+    if args.per_world and (args.stage != "experiment" or args.model or args.data):
+        raise UsageError("--per-world: only for --stage experiment on the testbed (no --model, --data)")
+    modes = {"prime": [args.mode], "probe": ["prime"],
+             "experiment": [m for m in methods if m != "none"]}.get(args.stage, [])
+    try:
+        peft_config(args)
+        for m in modes:
+            prime_config(args, m)
+    except ValueError as e:  # PeftConfig's and PrimeConfig's own checks
+        raise UsageError(str(e)) from None
+    device_of(args)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=None)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
     a = lambda g, *n, **k: g.add_argument(*n, **{**k, "help": k["help"] + " (default: %(default)s)"})
     g = p.add_argument_group("run")
     a(g, "--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment", "probe"), default="prime",
@@ -657,6 +820,8 @@ def parse_args(argv=None):
     a(g, "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     a(g, "--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast precision on CUDA (CPU: always fp32)")
     a(g, "--ckpt-every", type=int, default=100, help="steps between checkpoints")
+    a(g, "--skip-nonfinite", type=int, default=0, help="steps with a non-finite loss or gradient norm to skip (not "
+      "applied; counted in metrics.jsonl) before such a step stops the run")
     a(g, "--testbed", default="runs/testbed",
       help="synthetic testbed worlds (data + pretrained model) are cached in <this>-<world seed>")
     a(g, "--testbed-seed", type=int, default=0, help="seed of the synthetic world")
@@ -687,8 +852,8 @@ def parse_args(argv=None):
     a(g, "--mode", choices=METHODS, default="prime",
       help="prime: inner loop simulates PEFT (the paper); maml: inner loop updates everything; multitask: plain "
            "training on the priming data; none: no priming")
-    a(g, "--prime-steps", type=int, default=50, help="outer (meta) steps")
-    a(g, "--inner-steps", type=int, default=1, help="K: simulated PEFT steps per task")
+    a(g, "--prime-steps", type=int, default=50, help="outer (meta) steps (0: save the encoder unprimed)")
+    a(g, "--inner-steps", type=int, default=1, help="K: simulated PEFT steps per task (0: none)")
     a(g, "--inner-opt", choices=("sgd", "adam"), default="sgd",
       help="inner optimizer simulating PEFT: plain SGD, or AdamW as downstream (fresh moments per task, "
            "--weight-decay on matrices)")
@@ -721,7 +886,7 @@ def parse_args(argv=None):
     a(g, "--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
     a(g, "--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     a(g, "--text", help="pretrain: text file (one sentence a line) for continued MLM of --model")
-    a(g, "--pretrain-steps", type=int, default=600, help="MLM steps")
+    a(g, "--pretrain-steps", type=int, default=600, help="MLM steps (0: save the untrained encoder)")
     a(g, "--pretrain-lr", type=float, default=1e-3, help="MLM AdamW learning rate")
     a(g, "--tiny-hidden", type=int, default=128, help="testbed encoder width (heads = width / 32)")
     a(g, "--tiny-layers", type=int, default=4, help="testbed encoder layers")
@@ -737,31 +902,24 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for k, v in PRESETS.get(args.preset, {}).items():
         setattr(args, k, v)
+    check_args(args)
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    out = None
     try:
-        if args.stage == "pretrain":  # continued MLM of --model on --text, or a fresh tiny encoder on testbed text
-            if args.model and not args.text:
-                raise UsageError("--stage pretrain with --model continues MLM on --text FILE: give --text")
-            data_dir = None if args.model else Path(args.data) if args.data else testbed(args, args.testbed_seed, need_model=False)[1]
-            out = start_run(args, "pretrain")
-            target = pretrain(args, out, data_dir, args.model and Path(args.model), args.seed, args.resume)
-            log(f"pretrain: model saved to {target}")
-            return
-        if args.per_world and (args.stage != "experiment" or args.model or args.data):
-            raise UsageError("--per-world: only for --stage experiment on the testbed (no --model, --data)")
-        if args.jobs < 1:
-            raise UsageError(f"--jobs {args.jobs}: expected at least 1")
+        args = parse_args(argv)
         model_dir, data_dir = (None, None) if args.per_world else resolve_inputs(args)
         out = start_run(args, args.stage)
         on_testbed = args.data is None
-        if on_testbed:
+        if on_testbed and args.stage != "pretrain":
             log(f"note: using the built-in synthetic testbed ({data_dir or args.testbed + '-<seed>'}); for real work pass "
                 f"--model path/to/xlm-roberta-base --data path/to/panx (see README)")
-        if args.stage == "prime":
+        if args.stage == "pretrain":  # a fresh tiny encoder (no --model), or continued MLM of --model
+            target = pretrain(args, out, data_dir, model_dir, args.seed, args.resume)
+            log(f"pretrain: model saved to {target}")
+        elif args.stage == "prime":
             primed = prime(args, out, model_dir, data_dir, args.mode, args.seed)
             log(f"prime: primed model saved to {primed}\nnext: python train.py --stage finetune --model {primed}"
                 + ("" if on_testbed else f" --data {data_dir}"))
@@ -778,8 +936,13 @@ def main(argv=None):
         else:
             experiment(args, out, model_dir, data_dir)
             log(f"experiment: table in {out}/experiment.md")
-    except (UsageError, data.DataError, CheckpointError, ValueError) as e:  # ValueError: a rejected PEFT/priming config
-        sys.exit(f"error: {e}")
+    except (UsageError, data.DataError, CheckpointError) as e:  # the project's own errors; bugs keep their traceback
+        log("error: " + " ".join(str(e).split()))  # one line, whatever the message quotes
+        sys.exit(2)
+    except Interrupted as e:
+        message, signum = e.args
+        log(f"{message}; to go on, run the same command " + (f"with --resume --out {out}" if out else "again"))
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":
