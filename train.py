@@ -776,7 +776,9 @@ RANGES = {
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through main's handler, not argparse's usage block
+    """argparse, whose errors are one line through main's handler instead of the usage block."""
+
+    def error(self, message):
         raise UsageError(f"{message} (see --help)")
 
 
