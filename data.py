@@ -430,12 +430,15 @@ def macro_average(per_lang) -> float:
 
 @dataclass
 class WorldConfig:
+    """The world's knobs. Calibrated on the `none` baseline alone (README, "The synthetic testbed"): smaller name
+    pools, fewer context-free fragments, more code-switched and parallel text and more Latin names in the
+    non-Latin scripts lifted en F1 from 52 to ~85 and the target average from 16 to ~31 (world seed 0)."""
     seed: int = 0
     languages: tuple = ("en", "de", "ru", "tr", "ja", "es", "el")  # the first is the source
     priming_only: tuple = ("es", "el")  # train and dev only: the query languages of priming, never tested
     n_unlabeled: int = 3000          # monolingual unlabeled sentences per language
-    n_parallel: int = 600            # en-X parallel lines per target language
-    n_codeswitch: int = 400          # code-switched lines per language
+    n_parallel: int = 1500           # en-X parallel lines per target language
+    n_codeswitch: int = 2000         # code-switched lines per language
     n_train: int = 1000
     n_dev: int = 200
     n_test: int = 300
@@ -443,18 +446,18 @@ class WorldConfig:
     n_adjs: int = 50
     n_advs: int = 20
     verbs_per_class: int = 3
-    n_first: int = 300               # first-name pool
-    n_last: int = 400                # last-name pool
-    n_loc: int = 300                 # place-name stems
-    n_org: int = 200                 # organisation stems
-    n_shared: int = 60               # names usable both as last name and place
+    n_first: int = 100               # first-name pool
+    n_last: int = 150                # last-name pool
+    n_loc: int = 120                 # place-name stems
+    n_org: int = 80                  # organisation stems
+    n_shared: int = 20               # names usable both as last name and place
     n_wordnames: int = 25            # names that are also common (en) words
-    p_fragment: float = 0.2          # context-free fragments ("X", "X , Y", "X ( Y )")
+    p_fragment: float = 0.1          # context-free fragments ("X", "X , Y", "X ( Y )")
     p_two_clauses: float = 0.25
     p_title: float = 0.25
     p_exonym: float = 0.15           # place names with language-specific forms
-    p_keep_latin: float = 0.1        # entities left untransliterated in non-Latin scripts
-    p_codeswitch_word: float = 0.35
+    p_keep_latin: float = 0.3        # entities left untransliterated in non-Latin scripts
+    p_codeswitch_word: float = 0.5
     label_noise: float = 0.02        # silver-standard noise in labeled splits
 
 

@@ -381,9 +381,10 @@ def pretrain(args, out, data_dir, model_dir, seed, resume):
     if model_dir:
         model = load_model(model_dir, tok, args, mlm=True)
     else:
+        # No dropout: the tiny encoder's MLM loss fell from 5.9 to 4.9 in 1500 steps without it (calibration)
         cfg = Config(vocab_size=tok.get_vocab_size(), hidden_size=args.tiny_hidden, num_hidden_layers=args.tiny_layers,
                      num_attention_heads=args.tiny_hidden // 32, intermediate_size=4 * args.tiny_hidden,
-                     max_position_embeddings=args.max_len + 2)
+                     max_position_embeddings=args.max_len + 2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         seed_everything(seed)
         model = Model(cfg, mlm=True)
     device = device_of(args)
@@ -643,8 +644,11 @@ def probe(args, out, model_dir, data_dir):
 
 
 def cell(args, run, model_dir, data_dir, method, seed):
-    """One experiment cell: prime with `method` (none: not at all) -> finetune -> eval into run/results.json."""
+    """One experiment cell: prime with `method` (none: not at all) -> finetune -> eval into run/results.json, its
+    resolved flags in run/config.json (cells of one table may come from runs with different flags)."""
     run.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"method": method, "seed": seed}
+    atomic_write(run / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
     primed = model_dir if method == "none" else prime(args, run / "prime", model_dir, data_dir, method, seed)
     return evaluate(args, run, finetune(args, run / "finetune", primed, data_dir, seed), data_dir)
 
@@ -875,20 +879,20 @@ def parse_args(argv=None):
     g = p.add_argument_group("fine-tuning, evaluation, pretraining")
     a(g, "--phi-init", choices=("fresh", "primed"), default="fresh",
       help="downstream PEFT + head start: fresh, or the meta-learned init saved by priming")
-    a(g, "--finetune-steps", type=int, default=600, help="most PEFT training steps on the source language")
+    a(g, "--finetune-steps", type=int, default=2000, help="most PEFT training steps on the source language")
     a(g, "--patience", type=int, default=5,
       help="stop fine-tuning after this many source-dev evaluations without a new best F1 (0: run all steps)")
-    a(g, "--finetune-lr", type=float, default=2e-3, help="PEFT AdamW learning rate")
+    a(g, "--finetune-lr", type=float, default=5e-3, help="PEFT AdamW learning rate")
     a(g, "--curve-langs", help="comma-separated languages whose dev F1 finetune also logs (analysis only, never "
       "selects); omitted: none")
     a(g, "--finetune-warmup", type=int, default=30, help="PEFT learning-rate warm-up steps, then constant")
     a(g, "--batch-size", type=int, default=32, help="sentences per fine-tuning / pretraining batch")
-    a(g, "--eval-every", type=int, default=0, help="steps between source-dev evaluations (0: once an epoch)")
+    a(g, "--eval-every", type=int, default=100, help="steps between source-dev evaluations (0: once an epoch)")
     a(g, "--eval-batch-size", type=int, default=64, help="sentences per evaluation batch")
     a(g, "--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
     a(g, "--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     a(g, "--text", help="pretrain: text file (one sentence a line) for continued MLM of --model")
-    a(g, "--pretrain-steps", type=int, default=600, help="MLM steps (0: save the untrained encoder)")
+    a(g, "--pretrain-steps", type=int, default=3000, help="MLM steps (0: save the untrained encoder)")
     a(g, "--pretrain-lr", type=float, default=1e-3, help="MLM AdamW learning rate")
     a(g, "--tiny-hidden", type=int, default=128, help="testbed encoder width (heads = width / 32)")
     a(g, "--tiny-layers", type=int, default=4, help="testbed encoder layers")
