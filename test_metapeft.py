@@ -1115,7 +1115,7 @@ def test_train_overlap_warning(tiny_testbed, tmp_path, capsys):
 
 
 def test_train_inner_optimizer_flags():
-    for argv, opt, lr, decay in ((["--inner-opt", "adam"], "adam", 2e-3, 0.01), ([], "sgd", 0.3, 0.01),
+    for argv, opt, lr, decay in ((["--inner-opt", "adam"], "adam", 5e-3, 0.01), ([], "sgd", 0.3, 0.01),
                                  (["--inner-opt", "adam", "--finetune-lr", "1e-3", "--weight-decay", "0"], "adam", 1e-3, 0),
                                  (["--inner-opt", "adam", "--inner-lr", "0.1"], "adam", 0.1, 0.01)):
         cfg = train.prime_config(train.parse_args(argv), "prime")
