@@ -5,6 +5,8 @@
     python train.py --stage eval --model runs/finetune-.../model
     python train.py --stage experiment --preset quick  # none / multitask / maml / prime, several seeds
     python train.py --stage prime --model xlm-roberta-base/ --data panx/   # real checkpoint and PAN-X data
+    python train.py --stage export --model runs/prime-.../model --format hf-mlm --out primed-xlmr/
+    torchrun --standalone --nproc_per_node=4 train.py --stage prime ...   # the meta-batch split over 4 processes
 
 Every run writes to its own folder: config.json (all resolved flags), metrics.jsonl, checkpoint-<stage>.pt (resume
 with --resume --out DIR) and its outputs. See README.md.
@@ -22,11 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import data
 import metapeft
-from model import CheckpointError, Config, Model, PeftConfig, atomic_write, fresh_phi, load_peft, load_pretrained, \
-    saved_peft_config, theta_phi
+from model import CheckpointError, Config, Model, PeftConfig, atomic_write, copy_lm_head, fresh_phi, \
+    load_lora_adapter, load_peft, load_pretrained, save_lora_adapter, saved_peft_config, theta_phi
 
 METHODS = ("none", "multitask", "maml", "prime")
 
@@ -38,7 +41,8 @@ class UsageError(Exception):
 # ----------------------------------------------------------------------------- run hygiene
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+    if rank_world()[0] == 0:  # one voice under torchrun
+        print(msg, file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -66,7 +70,10 @@ class Progress:
 
 def start_run(args, stage):
     """Create the run folder and write the resolved config (or check it against the one being resumed)."""
-    out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = [Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    if dist.is_initialized():  # one folder for all processes, named by rank 0's clock
+        dist.broadcast_object_list(out)
+    out = out[0]
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "out")} | {"stage": stage}
     if args.resume:
         if not (out / "config.json").exists():
@@ -76,7 +83,8 @@ def start_run(args, stage):
         if diff:
             raise UsageError(f"--resume: flags differ from the run in {out}: {', '.join(diff)}")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    if rank_world()[0] == 0:
+        atomic_write(out / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
     return out
 
 
@@ -92,7 +100,8 @@ def to_device(batch, device):
 def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, resume=False):
     """Run step_fn(step) -> metrics for steps [start, total): progress line, metrics.jsonl, and an atomic
     checkpoint (every tensor in `state`'s objects, RNG states, the `extra` dict) every ckpt_every steps.
-    Batches are pure functions of (seed, step), so the step count is the whole data position."""
+    Batches are pure functions of (seed, step), so the step count is the whole data position. Under torchrun,
+    rank 0 alone writes metrics and checkpoints, and every rank resumes from them."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_file, start = out / f"checkpoint-{name}.pt", out / "metrics.jsonl", 0
     if resume and ckpt.exists():
@@ -107,13 +116,16 @@ def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, res
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         start = saved["step"]
         log(f"{name}: resumed from {ckpt} at step {start}")
-    if metrics_file.exists():  # drop what a killed run logged after its last checkpoint
+    main_rank = rank_world()[0] == 0
+    if metrics_file.exists() and main_rank:  # drop what a killed run logged after its last checkpoint
         lines = [l for l in metrics_file.read_text().splitlines()
                  if json.loads(l)["stage"] != name or json.loads(l)["step"] <= start]
         atomic_write(metrics_file, lambda f: Path(f).write_text("".join(l + "\n" for l in lines)))
     progress = Progress(name, total, start)
     for step in range(start, total):
         metrics = step_fn(step)
+        if not main_rank:
+            continue
         with open(metrics_file, "a") as f:
             f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
         progress.update(step + 1, metrics)
@@ -123,6 +135,44 @@ def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, res
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
             atomic_write(ckpt, lambda f: torch.save(blob, f))
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+def rank_world():
+    """(rank, number of processes) as set by torchrun; (0, 1) in a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def dist_setup(args):
+    """Join torchrun's process group when there is more than one process (nccl on GPUs, one GPU per process;
+    gloo on CPU). A plain run starts none."""
+    if rank_world()[1] > 1:
+        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device_of(args).type == "cuda" else None
+        if gpu:
+            torch.cuda.set_device(gpu)
+        dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu)
+
+
+def my_share(n):
+    """The indices of a step's n tasks or micro-batches that this process computes: every world-th from its rank.
+    metapeft.step sums the processes' gradients, so each share's loss is weighted as in the whole step's loss."""
+    rank, world = rank_world()
+    return range(rank, n, world)
+
+
+def seeded(seed, step, index):
+    """Reseed torch's RNG (fresh phi draws, dropout) for one task or micro-batch from (seed, step, index): it draws
+    the same numbers whichever process computes it, so N processes make the update of one."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1_000_003 + index)
+
+
+def global_sum(t):
+    """A scalar tensor summed over the processes (each one's loss share -> the step's loss), as a float."""
+    t = t.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
 
 
 class Stateful:
@@ -158,6 +208,17 @@ def testbed(args, need_model=True):
     return model_dir, data_dir
 
 
+def checkpoint_dir(path):
+    """--model as a Path, checked to be a complete Hugging Face checkpoint folder."""
+    model = Path(path)
+    for need in ("config.json", "tokenizer.json"):
+        if not (model / need).exists():
+            raise UsageError(f"--model {model}: no {need} (expected a Hugging Face checkpoint folder)")
+    if not list(model.glob("model.safetensors*")):
+        raise UsageError(f"--model {model}: no model.safetensors (or its sharded index)")
+    return model
+
+
 def resolve_inputs(args):
     """(model_dir, data_dir): the user's, or the synthetic testbed's."""
     if (args.model is None) != (args.data is None) and args.stage not in ("finetune", "eval"):
@@ -165,12 +226,7 @@ def resolve_inputs(args):
     if args.data is not None and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
     if args.model is not None:
-        model = Path(args.model)
-        for need in ("config.json", "tokenizer.json"):
-            if not (model / need).exists():
-                raise UsageError(f"--model {model}: no {need} (expected a Hugging Face checkpoint folder)")
-        if not list(model.glob("model.safetensors*")):
-            raise UsageError(f"--model {model}: no model.safetensors (or its sharded index)")
+        checkpoint_dir(args.model)
     if args.data is not None:
         return Path(args.model), Path(args.data)
     model_dir, data_dir = testbed(args, need_model=args.model is None)
@@ -224,9 +280,12 @@ def autocast(args, device):
 
 
 def save_model(model, out, model_dir):
-    """The model in the Hugging Face layout, with the tokenizer beside it, so it is a complete checkpoint."""
+    """The model in the Hugging Face layout, with the tokenizer beside it, so it is a complete checkpoint, and the
+    MLM head of model_dir (model.copy_lm_head) if the model has none, so that it exports as XLMRobertaForMaskedLM."""
     model.save_pretrained(out)
     shutil.copyfile(Path(model_dir) / "tokenizer.json", Path(out) / "tokenizer.json")
+    if model.lm_head is None:
+        copy_lm_head(model_dir, out)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -323,14 +382,19 @@ def prime(args, out, model_dir, data_dir, mode, seed):
                                       support_size=args.support_size, query_size=args.query_size,
                                       tasks_per_step=args.tasks, pairing=args.pairing)
         pad = tok.token_to_id("<pad>")
+        if args.tasks < rank_world()[1]:
+            raise UsageError(f"--tasks {args.tasks}: fewer tasks than the {rank_world()[1]} processes that share them")
 
         def step_fn(step):
-            tasks = [(to_device(s, device), to_device(q, device))
-                     for s, q in data.episodes(examples, episodes, pad, seed, step)]
-            with autocast(args, device):
-                loss = metapeft.meta_loss(model, tasks, cfg, inner_lrs)
+            tasks = data.episodes(examples, episodes, pad, seed, step)
+            loss = torch.zeros((), device=device)
+            for i in my_share(len(tasks)):  # the meta-loss is the mean over the tasks
+                seeded(seed, step, i)
+                with autocast(args, device):
+                    task = tuple(to_device(b, device) for b in tasks[i])
+                    loss = loss + metapeft.meta_loss(model, [task], cfg, inner_lrs) / len(tasks)
             norm = metapeft.step(loss, params, opt, sched, cfg.clip)
-            return {"meta_loss": loss.item(), "grad_norm": norm, "lr": sched.get_last_lr()[0],
+            return {"meta_loss": global_sum(loss), "grad_norm": norm, "lr": sched.get_last_lr()[0],
                     "tokens": sum(int(b["attention_mask"].sum()) for task in tasks for b in task)}
 
         state = {"model": model, "opt": opt, "sched": sched}
@@ -338,7 +402,8 @@ def prime(args, out, model_dir, data_dir, mode, seed):
             state["inner_lrs"] = Stateful(lambda: {k: v.detach().clone() for k, v in inner_lrs.items()},
                                           lambda saved: copy_into(inner_lrs, saved))
         train_loop(out, f"prime-{mode}", args.prime_steps, step_fn, state, None, args.ckpt_every, args.resume)
-    save_model(model, out / "model", model_dir)
+    if rank_world()[0] == 0:
+        save_model(model, out / "model", model_dir)
     return out / "model"
 
 
@@ -358,8 +423,10 @@ def finetune(args, out, model_dir, data_dir, seed):
         if saved_peft_config(model_dir) != peft:
             raise UsageError(f"--phi-init primed: {model_dir} has no PEFT init for {peft}")
         load_peft(model, model_dir)
-    else:  # also replaces a head that priming saved for the same labels
+    elif args.phi_init == "fresh":  # also replaces a head that priming saved for the same labels
         copy_into(phi, fresh_phi(model))
+    else:  # a peft adapter folder: LoRA and head, e.g. trained with peft
+        load_lora_adapter(model, args.phi_init)
     for p in theta.values():
         p.requires_grad_(False)
     device = device_of(args)
@@ -370,14 +437,24 @@ def finetune(args, out, model_dir, data_dir, seed):
     per_epoch = math.ceil(len(train) / args.batch_size)
     best = {"f1": -1.0, "step": 0, "phi": {n: p.detach().clone() for n, p in phi.items()}}
     eval_every = args.eval_every or per_epoch
+    world = rank_world()[1]
+    micro = args.micro_batch or math.ceil(args.batch_size / world)
+    if math.ceil(args.batch_size / micro) < world:
+        raise UsageError(f"--micro-batch {micro}: a batch of {args.batch_size} has fewer micro-batches than the "
+                         f"{world} processes that share them")
 
     epoch_batches = functools.lru_cache(1)(lambda epoch: data.batches(train, args.batch_size, pad, True, seed, epoch))
 
     def step_fn(step):
-        batch = to_device(epoch_batches(step // per_epoch)[step % per_epoch], device)
-        with autocast(args, device):
-            loss = metapeft.ce_loss(model, dict(model.named_parameters()), batch)
-        metrics = {"loss": loss.item(), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
+        batch = epoch_batches(step // per_epoch)[step % per_epoch]
+        labelled, params = int(batch["labels"].ne(data.IGNORE).sum()), dict(model.named_parameters())
+        loss = torch.zeros((), device=device)
+        for i in my_share(math.ceil(len(batch["labels"]) / micro)):  # the loss is a mean over labelled tokens
+            seeded(seed, step, i)
+            with autocast(args, device):
+                part = to_device({k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}, device)
+                loss = loss + metapeft.ce_loss(model, params, part, labelled)
+        metrics = {"loss": global_sum(loss), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
                    "lr": sched.get_last_lr()[0], "tokens": int(batch["attention_mask"].sum())}
         if (step + 1) % eval_every == 0 or step + 1 == args.finetune_steps:
             f1 = metapeft.evaluate(model, dev, dev_sents, labels, pad, args.eval_batch_size)["f1"]
@@ -390,8 +467,25 @@ def finetune(args, out, model_dir, data_dir, seed):
                args.ckpt_every, args.resume)
     copy_into(phi, best["phi"])
     log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']}")
-    save_model(model, out / "model", model_dir)
+    if rank_world()[0] == 0:
+        save_model(model, out / "model", model_dir)
     return out / "model"
+
+
+def export(args, model_dir, out):
+    """--model in another layout, the tokenizer beside it: hf-mlm (XLMRobertaForMaskedLM, with the MLM head the
+    encoder was pretrained with), hf-base (XLMRobertaModel), or peft (LoRA + head as a peft adapter folder)."""
+    if args.format == "peft":
+        peft = saved_peft_config(model_dir)
+        if peft is None or peft.method != "lora":
+            raise UsageError(f"--format peft: {model_dir} has no LoRA parameters (bottleneck adapters have no common "
+                             f"format: they stay in peft.safetensors, see README)")
+        model = load_peft(load_pretrained(model_dir, peft=peft), model_dir)
+        save_lora_adapter(model, out, model_dir.resolve())
+    else:
+        model = load_pretrained(model_dir, mlm=args.format == "hf-mlm")
+        model.save_pretrained(out, layout={"hf-mlm": "mlm", "hf-base": "base"}[args.format])
+    shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
 
 def evaluate(args, out, model_dir, data_dir):
@@ -473,9 +567,9 @@ def parse_args(argv=None):
                                 argument_default=None)
     a = lambda g, *n, **k: g.add_argument(*n, **{**k, "help": k["help"] + " (default: %(default)s)"})
     g = p.add_argument_group("run")
-    a(g, "--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment"), default="prime",
+    a(g, "--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment", "export"), default="prime",
       help="pretrain: MLM; prime: meta-learn theta for PEFT; finetune: PEFT on the source language; eval: per-language "
-           "test F1; experiment: none/multitask/maml/prime x seeds -> one table")
+           "test F1; experiment: none/multitask/maml/prime x seeds -> one table; export: --model in --format to --out")
     a(g, "--model", help="Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json), e.g. "
       "xlm-roberta-base; omitted: the synthetic testbed's pretrained encoder")
     a(g, "--data", help="NER data folder: XTREME's {split}-{lang}.tsv or {lang}/{split}.{tsv,conll,jsonl}; "
@@ -488,6 +582,9 @@ def parse_args(argv=None):
     a(g, "--ckpt-every", type=int, default=100, help="steps between checkpoints")
     a(g, "--testbed", default="runs/testbed", help="where the synthetic testbed (data + pretrained model) is cached")
     a(g, "--testbed-seed", type=int, default=0, help="seed of the synthetic world")
+    a(g, "--format", choices=("hf-mlm", "hf-base", "peft"), default="hf-mlm",
+      help="export: hf-mlm (XLMRobertaForMaskedLM), hf-base (XLMRobertaModel) or peft (LoRA + head as a peft "
+           "adapter folder)")
     g = p.add_argument_group("data and episodes")
     a(g, "--source", default="en", help="source language: fine-tuning and episode support batches")
     a(g, "--prime-langs", help="comma-separated query languages of priming episodes; omitted: the languages with a train but no test "
@@ -526,11 +623,16 @@ def parse_args(argv=None):
     a(g, "--prime-lr", type=float, default=1e-4, help="outer AdamW learning rate")
     a(g, "--prime-warmup", type=int, default=10, help="outer warm-up steps")
     g = p.add_argument_group("fine-tuning, evaluation, pretraining")
-    a(g, "--phi-init", choices=("fresh", "primed"), default="fresh",
-      help="downstream PEFT + head start: fresh, or the meta-learned init saved by priming")
+    a(g, "--phi-init", default="fresh",
+      help="downstream PEFT + head start: fresh, primed (the meta-learned init saved by priming), or a peft LoRA "
+           "adapter folder (adapter_config.json + adapter_model.safetensors, e.g. trained with peft)")
     a(g, "--finetune-steps", type=int, default=600, help="PEFT training steps on the source language")
     a(g, "--finetune-lr", type=float, default=2e-3, help="PEFT AdamW learning rate")
     a(g, "--batch-size", type=int, default=32, help="sentences per fine-tuning / pretraining batch")
+    a(g, "--micro-batch", type=int, default=0,
+      help="fine-tuning sentences per forward pass; under torchrun the processes share a batch's micro-batches, "
+           "each with its own dropout seed, so a run gives the weights of one process with the same value "
+           "(0: batch size / processes)")
     a(g, "--eval-every", type=int, default=0, help="steps between source-dev evaluations (0: once an epoch)")
     a(g, "--eval-batch-size", type=int, default=64, help="sentences per evaluation batch")
     a(g, "--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
@@ -552,7 +654,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    rank, world = rank_world()
     try:
+        if world > 1 and args.stage not in ("prime", "finetune"):
+            raise UsageError(f"--stage {args.stage} runs in one process (torchrun is for prime and finetune)")
+        dist_setup(args)
+        if args.stage == "export":
+            if args.model is None or args.out is None:
+                raise UsageError("--stage export needs --model (a model folder) and --out (the folder to write)")
+            export(args, checkpoint_dir(args.model), Path(args.out))
+            log(f"export: {args.format} checkpoint written to {args.out}")
+            return
         if args.stage == "pretrain":  # continued MLM of --model on --text, or a fresh tiny encoder on testbed text
             if args.model and not args.text:
                 raise UsageError("--stage pretrain with --model continues MLM on --text FILE: give --text")
@@ -561,7 +673,11 @@ def main(argv=None):
             target = pretrain(args, out, data_dir, args.model and Path(args.model), args.seed, args.resume)
             log(f"pretrain: model saved to {target}")
             return
+        if rank:  # rank 0 makes the testbed, if needed, before the others read it
+            dist.barrier()
         model_dir, data_dir = resolve_inputs(args)
+        if world > 1 and not rank:
+            dist.barrier()
         out = start_run(args, args.stage)
         on_testbed = args.data is None
         if on_testbed:
@@ -583,6 +699,9 @@ def main(argv=None):
             log(f"experiment: table in {out}/experiment.md")
     except (UsageError, data.DataError, CheckpointError, ValueError) as e:  # ValueError: a rejected PEFT/priming config
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
