@@ -840,7 +840,8 @@ def experiment(args, out, model_dir, data_dir):
             f"per-seed difference from none on the target average, 95% t-interval; wins: seeds where it beats none. "
             f"selection: dev F1 of the priming languages (no target labels), what hyper-parameters are chosen by.\n")
     pairs = "\n| paired, target avg | Δ | 95% CI | wins |\n|---|---|---|---|\n" + "".join(
-        f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n" for k, d in vs.items())
+        f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n" for k, d in vs.items()
+    ) if vs else ""
     result = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "paired": vs}
     atomic_write(out / "experiment.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
     atomic_write(out / "experiment.md", lambda f: Path(f).write_text(table + note + pairs))
