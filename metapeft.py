@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -86,10 +87,13 @@ def adapted(name, cfg):
 
 # ----------------------------------------------------------------------------- the algorithm
 
-def ce_loss(model, params, batch):
-    """Token cross-entropy (labels -100 ignored) of the model evaluated with the given parameter tensors."""
+def ce_loss(model, params, batch, total=None):
+    """Token cross-entropy (labels -100 ignored) of the model evaluated with the given parameter tensors: the mean
+    over the batch's labelled tokens, or their sum / total when the batch is part of one with `total` of them."""
     logits = functional_call(model, params, (batch["input_ids"], batch["attention_mask"]))
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=data.IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=data.IGNORE,
+                           reduction="mean" if total is None else "sum")
+    return loss if total is None else loss / total
 
 
 def inner_update(p, g, lr, moments, t, cfg):
@@ -185,7 +189,12 @@ def step(loss, params, opt, sched, clip):
     tensors = list(params.values())
     # inputs= keeps gradients off what is not trained (fresh phi, a fixed phi0, frozen embeddings), and skips
     # computing them at all: no vocab x hidden embedding gradient when the embeddings are frozen.
-    loss.backward(inputs=tensors)
+    if loss.requires_grad:  # not so in a process that got no share of the step's work
+        loss.backward(inputs=tensors)
+    if dist.is_initialized():  # under torchrun: each loss is its process's share, so their gradients sum to the step's
+        for t in tensors:  # summed before the check below, so every process sees the same norm and skips alike
+            t.grad = torch.zeros_like(t) if t.grad is None else t.grad
+            dist.all_reduce(t.grad)
     norm = torch.nn.utils.clip_grad_norm_(tensors, clip or math.inf).item()
     if math.isfinite(norm):
         opt.step()

@@ -2,7 +2,8 @@
 
 Loads and saves Hugging Face checkpoints (config.json + model.safetensors) and gives the same
 numbers as `transformers`' XLMRobertaModel / ForTokenClassification / ForMaskedLM on the same
-weights. Parameter names split into three groups with one-line filters:
+weights; LoRA and the head move to and from peft adapter folders (save_lora_adapter / load_lora_adapter).
+Parameter names split into three groups with one-line filters:
     PEFT (phi):   names containing "lora_" or "adapter"      -> is_peft(name)
     head (phi):   names starting with "classifier."          -> is_head(name)
     base (theta): everything else (encoder, lm_head)
@@ -10,6 +11,7 @@ weights. Parameter names split into three groups with one-line filters:
 import json
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -275,22 +277,35 @@ class Model(nn.Module):
             out[hf_key(name)] = t.contiguous()
         return out
 
-    def save_pretrained(self, path, merge_peft=False):
-        """Write config.json + model.safetensors in the XLMRobertaForTokenClassification (or ForMaskedLM) layout,
-        and the PEFT parameters with their config in peft.safetensors unless they are merged in. Atomic writes."""
+    def save_pretrained(self, path, merge_peft=False, layout=None):
+        """Write config.json + model.safetensors in a Hugging Face layout (LAYOUTS): "token" (the default with a
+        classifier), "mlm" (the default with only the MLM head) or "base" (the encoder alone, plus a fresh pooler:
+        XLM-R's MLM training never trains one, and transformers' XLMRobertaModel expects it); and the PEFT
+        parameters with their config in peft.safetensors unless they are merged in. Atomic writes."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if merge_peft and self.peft and self.peft.method != "lora":
             raise ValueError(f"{self.peft.method} adapters cannot be merged into the base weights")
-        arch = "XLMRobertaForTokenClassification" if self.classifier is not None else "XLMRobertaForMaskedLM"
+        layout = layout or ("token" if self.classifier is not None else "mlm" if self.lm_head is not None else "base")
+        arch, head = LAYOUTS[layout]
+        if head and getattr(self, head) is None:
+            raise CheckpointError(f"the {arch} layout needs a {head}, and this model has none")
         config = {**asdict(self.cfg), "architectures": [arch], "model_type": "xlm-roberta",
                   "bos_token_id": 0, "eos_token_id": 2, "position_embedding_type": "absolute"}
-        if self.labels:
+        if self.labels and layout == "token":
             config["id2label"] = dict(enumerate(self.labels))
             config["label2id"] = {l: i for i, l in enumerate(self.labels)}
         atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
-        state = self.hf_state_dict(merge_peft)
+        state = {k: t for k, t in self.hf_state_dict(merge_peft).items()
+                 if k.startswith("roberta.") or head and k.startswith(head + ".")}
+        if layout == "base":
+            H, dtype = self.cfg.hidden_size, self.encoder.LayerNorm.weight.dtype
+            weight = torch.randn(H, H, generator=torch.Generator().manual_seed(0), dtype=dtype)
+            state = {k.removeprefix("roberta."): t for k, t in state.items()} | {
+                "pooler.dense.weight": weight * self.cfg.initializer_range,
+                "pooler.dense.bias": torch.zeros(H, dtype=dtype)}
         atomic_write(path / "model.safetensors", lambda f: save_file(state, f, metadata={"format": "pt"}))
+        (path / LM_HEAD_FILE).unlink(missing_ok=True)  # stale: copy_lm_head writes it after saving
         peft_file = path / PEFT_FILE
         if self.peft and not merge_peft:
             phi = {n: p.detach().contiguous() for n, p in self.named_parameters() if is_peft(n)}
@@ -300,7 +315,9 @@ class Model(nn.Module):
             peft_file.unlink()
 
 
-PEFT_FILE = "peft.safetensors"
+LAYOUTS = {"token": ("XLMRobertaForTokenClassification", "classifier"), "mlm": ("XLMRobertaForMaskedLM", "lm_head"),
+           "base": ("XLMRobertaModel", None)}  # layout -> (architecture, head saved with the encoder)
+PEFT_FILE, LM_HEAD_FILE = "peft.safetensors", "lm_head.safetensors"
 
 
 def atomic_write(path, write):
@@ -358,14 +375,16 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes
 
 
 def _weight_files(path):
+    """model.safetensors or its shards, then the MLM head kept by copy_lm_head if there is one."""
+    head = [path / LM_HEAD_FILE] if (path / LM_HEAD_FILE).exists() else []
     if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
+        return [path / "model.safetensors"] + head
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: expected a 'weight_map' object (tensor name -> file)")
-        return [path / f for f in sorted(set(map(str, weight_map.values())))]
+        return [path / f for f in sorted(set(map(str, weight_map.values())))] + head
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -416,10 +435,7 @@ def load_pretrained(path, labels=None, num_labels=None, peft=None, mlm=False):
     unexpected = [key for k, (_, key, _) in index.items() if k not in want]
     wrong = [f"{key} {shape} (expected {tuple(want[k].shape)})"
              for k, (_, key, shape) in index.items() if k in want and shape != tuple(want[k].shape)]
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
-        if keys:
-            more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
-            raise CheckpointError(f"{path}: {what} tensor(s): {', '.join(keys[:10])}{more}")
+    _check_tensors(path, missing, unexpected, wrong)
     for file in {file for file, _, _ in index.values()}:
         with open_safetensors(file) as f, torch.no_grad():
             for k, (in_file, key, _) in index.items():
@@ -434,6 +450,25 @@ def _float_slice(f, file, key):
     if t.get_dtype() not in FLOAT_DTYPES:
         raise CheckpointError(f"{file}: tensor {key} is {t.get_dtype()}, expected one of {', '.join(FLOAT_DTYPES)}")
     return t
+
+
+def _check_tensors(path, missing, unexpected, wrong):
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
+        if keys:
+            more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+            raise CheckpointError(f"{path}: {what} tensor(s): {', '.join(keys[:10])}{more}")
+
+
+def copy_lm_head(src, dst):
+    """Keep src's MLM head with a checkpoint made from it (a primed or fine-tuned model, saved with another
+    head): its lm_head.* tensors go to dst/lm_head.safetensors, where load_pretrained(dst, mlm=True) finds them.
+    Priming and fine-tuning never train the MLM head, so this is the head the encoder was pretrained with."""
+    head = {}
+    for file in _weight_files(Path(src)):
+        with open_safetensors(file) as f:
+            head |= {k: f.get_tensor(k) for k in f.keys() if k.startswith("lm_head.") and _file_key(k)}
+    if head:  # a source without one (a token-classification checkpoint) leaves none
+        atomic_write(Path(dst) / LM_HEAD_FILE, lambda f: save_file(head, f, metadata={"format": "pt"}))
 
 
 def saved_peft_config(path):
@@ -467,4 +502,76 @@ def load_peft(model, path):
         with torch.no_grad():
             for k in f.keys():
                 want[k].copy_(f.get_tensor(k))
+    return model
+
+
+# A peft adapter folder: adapter_config.json + adapter_model.safetensors, our LoRA and head tensors named
+#   encoder.layers.{i}.{t}.lora_A  <->  base_model.model.roberta.encoder.layer.{i}.{LAYER_NAMES[t]}.lora_A.weight
+#   classifier.weight              <->  base_model.model.classifier.weight      (peft's modules_to_save)
+# (lora_B and classifier.bias alike). peft's LoRA scales B A by lora_alpha / r, as ours does.
+ADAPTER_CONFIG, ADAPTER_FILE = "adapter_config.json", "adapter_model.safetensors"
+LORA_KEY = re.compile(r"base_model\.model\.roberta\.encoder\.layer\.\d+\.(.+)\.lora_[AB]\.weight")
+# peft options whose other values we do not implement
+UNSUPPORTED_LORA = {"use_rslora": False, "use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
+                    "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def peft_key(name):
+    """Our LoRA or head parameter name -> its key in peft's adapter_model.safetensors."""
+    return "base_model.model." + hf_key(name) + ("" if is_head(name) else ".weight")
+
+
+def _lora_and_head(model, path):
+    if model.peft is None or model.peft.method != "lora" or model.classifier is None:
+        raise CheckpointError(f"{path}: a peft adapter folder holds LoRA and a token-classification head; the model "
+                              f"has PEFT {model.peft and model.peft.method} and {len(model.labels)} labels")
+    return {peft_key(n): p for n, p in model.named_parameters() if is_peft(n) or is_head(n)}
+
+
+def save_lora_adapter(model, path, base=None):
+    """Write the model's LoRA parameters and head as a peft adapter folder (task type TOKEN_CLS, the head in
+    modules_to_save), for peft.PeftModel.from_pretrained on the transformers model of checkpoint `base`."""
+    path, p = Path(path), model.peft
+    state = {k: t.detach().contiguous() for k, t in _lora_and_head(model, path).items()}
+    modules = "|".join(re.escape(LAYER_NAMES[t]) for t in p.lora_targets)
+    config = {"peft_type": "LORA", "task_type": "TOKEN_CLS", "base_model_name_or_path": base and str(base),
+              "r": p.lora_r, "lora_alpha": p.lora_alpha, "lora_dropout": p.lora_dropout,
+              "target_modules": rf"roberta\.encoder\.layer\.\d+\.({modules})", "modules_to_save": ["classifier"],
+              "inference_mode": True, **UNSUPPORTED_LORA}
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / ADAPTER_CONFIG, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(path / ADAPTER_FILE, lambda f: save_file(state, f, metadata={"format": "pt"}))
+
+
+def load_lora_adapter(model, path):
+    """Load a peft LoRA adapter folder (e.g. trained with peft on the transformers model, or written by
+    save_lora_adapter) into a model with the same LoRA config. Another rank, alpha, dropout or set of targets,
+    another model size or label count, or peft options we do not implement are a CheckpointError."""
+    path = Path(path)
+    want = _lora_and_head(model, path)
+    if not (path / ADAPTER_CONFIG).exists() or not (path / ADAPTER_FILE).exists():
+        raise CheckpointError(f"{path}: not a peft adapter folder (no {ADAPTER_CONFIG} or {ADAPTER_FILE})")
+    cfg = read_json(path / ADAPTER_CONFIG)
+    odd = [f"{k}={cfg[k]!r}" for k, v in UNSUPPORTED_LORA.items() if cfg.get(k) not in (None, v)]
+    if cfg.get("peft_type") != "LORA" or odd:
+        raise CheckpointError(f"{path}: peft_type {cfg.get('peft_type')!r} {' '.join(odd)}: only plain LoRA is "
+                              f"supported")
+    with open_safetensors(path / ADAPTER_FILE) as f:
+        shapes = {k: tuple(_float_slice(f, path / ADAPTER_FILE, k).get_shape()) for k in f.keys()}
+        inverse = {v: k for k, v in LAYER_NAMES.items()}
+        modules = {m[1] for k in shapes if (m := LORA_KEY.fullmatch(k))}
+        if modules - set(inverse):
+            raise CheckpointError(f"{path}: LoRA on {sorted(modules - set(inverse))}, which this model does not have")
+        saved = {"lora_r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "lora_dropout": cfg.get("lora_dropout"),
+                 "lora_targets": tuple(t for t in LORA_TARGETS if LAYER_NAMES[t] in modules)}
+        diff = [f"{k} {v} (the model's: {getattr(model.peft, k)})"
+                for k, v in saved.items() if v != getattr(model.peft, k)]
+        if diff:
+            raise CheckpointError(f"{path}: LoRA config differs: {', '.join(diff)}")
+        _check_tensors(path, sorted(want.keys() - shapes.keys()), sorted(shapes.keys() - want.keys()),
+                       [f"{k} {s} (expected {tuple(want[k].shape)})" for k, s in shapes.items()
+                        if k in want and s != tuple(want[k].shape)])
+        with torch.no_grad():
+            for k, p in want.items():
+                p.copy_(f.get_tensor(k))
     return model

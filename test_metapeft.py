@@ -21,8 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import metapeft as mp
 from data import DataError, Example, Sentence
-from model import CheckpointError, Config, Model, PeftConfig, fresh_phi, is_head, is_peft, load_peft, load_pretrained, \
-    theta_phi
+from model import CheckpointError, Config, Model, PeftConfig, fresh_phi, is_head, is_peft, load_lora_adapter, \
+    load_peft, load_pretrained, save_lora_adapter, saved_peft_config, theta_phi
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads, and OpenMP stalls badly on a busy shared CPU
 
@@ -220,6 +220,73 @@ def test_model_config_errors(tmp_path):
         load_pretrained(tmp_path / "nothing")
     with pytest.raises(ValueError, match="LoRA targets"):
         PeftConfig(lora_targets=("dense",))
+
+
+def peft_model_from(base, adapter):
+    """peft's model for our adapter folder on a transformers checkpoint, failing on any missing or unexpected key."""
+    from peft import PeftModel
+    from transformers import AutoModelForTokenClassification
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(AutoModelForTokenClassification.from_pretrained(base), adapter).eval()
+    assert not [w for w in caught if "keys" in str(w.message)], [str(w.message) for w in caught]
+    return model
+
+
+def test_model_lora_exports_to_peft(tmp_path):
+    _, path = hf_token_model(tmp_path, TINY[1])
+    # attn_out and ffn_out are both "output.dense" in transformers: the export must tell them apart
+    peft = PeftConfig("lora", lora_r=4, lora_alpha=6.0, lora_dropout=0.1, lora_targets=("query", "attn_out", "ffn_out"))
+    ours = load_pretrained(path, peft=peft)
+    train_a_little(ours)  # LoRA B and the head move away from their init (the base checkpoint keeps its own head)
+    ours.eval()
+    save_lora_adapter(ours, tmp_path / "adapter", base=path)
+    theirs = peft_model_from(path, tmp_path / "adapter")
+    config = theirs.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.task_type) == (4, 6.0, 0.1, "TOKEN_CLS")
+    ids, mask = padded_batch(seed=2)
+    with torch.no_grad():
+        assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask)).abs().max() < 1e-5
+        back = load_lora_adapter(load_pretrained(path, peft=peft), tmp_path / "adapter").eval()
+        assert torch.equal(back(ids, mask), ours(ids, mask))
+
+
+def test_model_imports_a_lora_trained_with_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    ref, path = hf_token_model(tmp_path, TINY[1])
+    theirs = get_peft_model(ref, LoraConfig(task_type="TOKEN_CLS", r=2, lora_alpha=5, lora_dropout=0.05,
+                                            target_modules=["query", "value"]))
+    opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask = padded_batch(seed=5)
+    for _ in range(4):
+        loss = theirs(input_ids=ids, attention_mask=mask).logits.logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    theirs.save_pretrained(tmp_path / "trained")
+    peft = PeftConfig("lora", lora_r=2, lora_alpha=5.0, lora_dropout=0.05, lora_targets=("query", "value"))
+    ours = load_lora_adapter(load_pretrained(path, peft=peft), tmp_path / "trained").eval()
+    theirs.eval()
+    ids, mask = padded_batch(seed=6)
+    with torch.no_grad():
+        assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask)).abs().max() < 1e-5
+    _, other_size = hf_token_model(tmp_path / "other", TINY[2])
+    (tmp_path / "rslora").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        text = (tmp_path / "trained" / name).read_bytes()
+        (tmp_path / "rslora" / name).write_bytes(text.replace(b'"use_rslora": false', b'"use_rslora": true'))
+    for base, cfg, folder, message in [
+        (path, replace(peft, lora_r=4), "trained", "lora_r 2 (the model's: 4)"),
+        (path, replace(peft, lora_targets=("query", "key", "value")), "trained", "lora_targets ('query', 'value')"),
+        (path, replace(peft, lora_dropout=0.0), "trained", "lora_dropout 0.05"),
+        (other_size, peft, "trained", "tensor(s): base_model.model."),
+        (path, peft, "rslora", "use_rslora=True"),
+        (path, replace(peft, method="houlsby"), "trained", "holds LoRA and a token-classification head"),
+        (path, peft, "nothing", "not a peft adapter folder"),
+    ]:
+        with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+            load_lora_adapter(load_pretrained(base, peft=cfg), tmp_path / folder)
+        assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -996,6 +1063,106 @@ def test_train_resume_after_a_kill_is_bit_identical(tiny_testbed, tmp_path, monk
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+SIGNAL_TO_RANK_1 = """import os, signal, sys, metapeft, train
+real_step, calls = metapeft.step, []
+def signalled_in_5(*a, **k):  # rank 1 alone gets a SIGTERM in step 5
+    calls.append(1)
+    if len(calls) == 5 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(*a, **k)
+metapeft.step = signalled_in_5
+train.main(sys.argv[1:])
+"""
+
+
+def torchrun(script, *argv):
+    """Run script (from this folder) with 2 gloo processes on the CPU; returns the exit code."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": here}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(command + [str(a) for a in argv], cwd=here, env=env, capture_output=True, text=True,
+                          timeout=300)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("stage, extra", [("prime", ["--prime-steps", 6, "--tasks", 3, "--meta-sgd"]),
+                                          ("finetune", ["--finetune-steps", 4, "--eval-every", 2, "--micro-batch", 3])])
+def test_train_torchrun_gives_the_one_process_weights(tiny_testbed, tmp_path, stage, extra):
+    # 3 tasks or micro-batches of (3, 3, 2) sentences: shared unevenly by the 2 processes
+    model, world = tiny_testbed
+    argv = ["--stage", stage, "--model", model, "--data", world, *TINY_RUN, *extra]
+    assert run_cli(*argv, "--out", tmp_path / "one") == 0
+    code, log = torchrun("train.py", *argv, "--out", tmp_path / "two")
+    assert code == 0, log[-3000:]
+    one, two = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
+    assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max() for k in one) < 1e-6
+    assert (tmp_path / "one" / "metrics.jsonl").read_text().count("\n") == \
+        (tmp_path / "two" / "metrics.jsonl").read_text().count("\n")  # rank 0 alone writes
+    if stage == "finetune":
+        return
+    # A signal to one process stops both after the same step (no deadlock), with rank 0's checkpoint of it.
+    (tmp_path / "signal_to_rank_1.py").write_text(SIGNAL_TO_RANK_1)
+    code, log = torchrun(tmp_path / "signal_to_rank_1.py", *argv, "--out", tmp_path / "killed")
+    assert code != 0 and "stopped by SIGTERM after step 5, checkpoint saved" in log, log[-3000:]
+    assert not (tmp_path / "killed" / "model").exists()
+    code, log = torchrun("train.py", *argv, "--out", tmp_path / "killed", "--resume")
+    assert code == 0 and "resumed from" in log, log[-3000:]
+    again = weights(tmp_path / "killed" / "model")
+    assert all(torch.equal(again[k], two[k]) for k in two)
+
+
+def test_train_export_and_import(tiny_testbed, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModel, XLMRobertaForMaskedLM
+    model, world = tiny_testbed
+    common = ["--data", world, *TINY_RUN]
+    assert run_cli("--stage", "prime", "--model", model, "--out", tmp_path / "p", "--prime-steps", 2, *common) == 0
+    primed = tmp_path / "p" / "model"
+    for fmt in ("hf-mlm", "hf-base"):
+        assert run_cli("--stage", "export", "--model", primed, "--format", fmt, "--out", tmp_path / fmt) == 0
+        assert (tmp_path / fmt / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    mlm, info = XLMRobertaForMaskedLM.from_pretrained(tmp_path / "hf-mlm", output_loading_info=True)
+    base, base_info = AutoModel.from_pretrained(tmp_path / "hf-base", output_loading_info=True)
+    for i in (info, base_info):
+        assert not any(i[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), i
+    ours = load_pretrained(primed, mlm=True).eval()
+    ids, mask = padded_batch(vocab=ours.cfg.vocab_size)
+    with torch.no_grad():
+        hidden = ours.encoder(ids, mask)
+        assert (base.eval()(ids, attention_mask=mask).last_hidden_state - hidden).abs().max() < 1e-5
+        assert (mlm.eval().roberta(ids, attention_mask=mask).last_hidden_state - hidden).abs().max() < 1e-5
+        assert (mlm(ids, attention_mask=mask).logits - ours.mlm_logits(ids, mask)).abs().max() < 1e-5
+    pretrained = load_pretrained(model, mlm=True)  # priming changed the encoder, not the MLM head it started with
+    assert all(torch.equal(p, q) for p, q in zip(ours.lm_head.parameters(), pretrained.lm_head.parameters()))
+    assert not torch.equal(ours.encoder.layers[0].query.weight, pretrained.encoder.layers[0].query.weight)
+
+    assert run_cli("--stage", "finetune", "--model", primed, "--out", tmp_path / "f", "--finetune-steps", 3,
+                   *common) == 0
+    tuned = tmp_path / "f" / "model"
+    assert run_cli("--stage", "export", "--model", tuned, "--format", "peft", "--out", tmp_path / "adapter") == 0
+    theirs = peft_model_from(json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"], tmp_path / "adapter")
+    ours = load_peft(load_pretrained(tuned, peft=saved_peft_config(tuned)), tuned).eval()
+    with torch.no_grad():
+        assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask)).abs().max() < 1e-5
+    # The adapter back in: fine-tuning from it for 0 steps saves the same model.
+    assert run_cli("--stage", "finetune", "--model", primed, "--out", tmp_path / "g", "--finetune-steps", 0,
+                   "--phi-init", tmp_path / "adapter", *common) == 0
+    a, b = weights(tuned), weights(tmp_path / "g" / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    adapter = tmp_path / "adapter"
+    for argv, message in [(["--stage", "finetune", "--lora-r", 4, "--phi-init", adapter], "lora_r 8"),
+                          (["--stage", "finetune", "--peft", "houlsby", "--phi-init", adapter], "holds LoRA"),
+                          (["--stage", "export", "--format", "peft"], "has no LoRA parameters")]:
+        fails_cleanly(capsys, [*argv, "--model", primed if argv[1] == "finetune" else tmp_path / "hf-mlm",
+                               "--out", tmp_path / "bad", *common], message)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: checked before any work
+    for argv, message in [(["--stage", "export", "--model", tuned], "runs in one process"),
+                          (["--tasks", 1], "--tasks 1: fewer tasks than the 2 processes"),
+                          (["--stage", "finetune", "--batch-size", 4, "--micro-batch", 4], "--micro-batch 4: a batch "
+                           "of 4 has fewer micro-batches than the 2 processes")]:
+        fails_cleanly(capsys, [*argv, "--out", tmp_path / "bad"], message)
+
+
 def fails_cleanly(capsys, argv, message):
     """train.main(argv) exits with code 2 and prints one line, 'error: ...' with message in it (and no traceback:
     any exception but SystemExit would fail the test)."""
@@ -1096,6 +1263,15 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
                                                          "--model", copy_with(m, t / "m", "peft.safetensors",
                                                                               save({"x": torch.zeros(1)}))],
      "m/peft.safetensors: expected a valid peft_config in its metadata", False),
+    # export, peft adapters, torchrun
+    ("--micro-batch -1", lambda m, w, t: ["--micro-batch", -1], "--micro-batch -1: must be >= 0", True),
+    ("--format onnx", lambda m, w, t: ["--format", "onnx"], "argument --format: invalid choice: 'onnx'", True),
+    ("export without --out", lambda m, w, t: ["--stage", "export", "--model", m, "--out", ""],
+     "--stage export needs --out", True),
+    ("--phi-init not a folder", lambda m, w, t: ["--stage", "finetune", "--model", m, "--data", w, "--phi-init",
+                                                 t / "nowhere"], "nowhere: not fresh, primed or a folder", True),
+    ("--phi-init not an adapter", lambda m, w, t: ["--stage", "finetune", "--model", m, "--data", w, "--phi-init", m],
+     "{m}: not a peft adapter folder", False),
 ]
 
 
@@ -1158,7 +1334,7 @@ def test_train_nonfinite_loss_stops_keeps_the_last_checkpoint_and_resumes(tiny_t
 
     def nan_in_step_5(*a, **k):
         calls.append(1)
-        return real_loss(*a, **k) * (math.nan if len(calls) == 5 else 1.0)
+        return real_loss(*a, **k) * (math.nan if len(calls) == 9 else 1.0)  # once per task: 2 a step
 
     monkeypatch.setattr(mp, "meta_loss", nan_in_step_5)
     capsys.readouterr()

@@ -5,6 +5,8 @@
     python train.py --stage eval --model runs/finetune-.../model
     python train.py --stage experiment --preset quick  # none / multitask / maml / prime, several seeds
     python train.py --stage prime --model xlm-roberta-base/ --data panx/   # real checkpoint and PAN-X data
+    python train.py --stage export --model runs/prime-.../model --format hf-mlm --out primed-xlmr/
+    torchrun --standalone --nproc_per_node=4 train.py --stage prime ...   # the meta-batch split over 4 processes
 
 Every run writes to its own folder: config.json (all resolved flags), metrics.jsonl, checkpoint-<stage>.safetensors
 (resume with --resume --out DIR) and its outputs. See README.md.
@@ -27,12 +29,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 import data
 import metapeft
-from model import CheckpointError, Config, Model, PeftConfig, atomic_write, fresh_phi, load_peft, load_pretrained, \
-    open_safetensors, read_json, saved_peft_config, theta_phi
+from model import CheckpointError, Config, Model, PeftConfig, atomic_write, copy_lm_head, fresh_phi, \
+    load_lora_adapter, load_peft, load_pretrained, open_safetensors, read_json, save_lora_adapter, saved_peft_config, \
+    theta_phi
 
 METHODS = ("none", "multitask", "maml", "prime")
 
@@ -48,7 +52,8 @@ class Interrupted(Exception):
 # ----------------------------------------------------------------------------- run hygiene
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+    if rank_world()[0] == 0:  # one voice under torchrun
+        print(msg, file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -76,7 +81,10 @@ class Progress:
 
 def start_run(args, stage):
     """Create the run folder and write the resolved config (or check it against the one being resumed)."""
-    out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = [Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    if dist.is_initialized():  # one folder for all processes, named by rank 0's clock
+        dist.broadcast_object_list(out)
+    out = out[0]
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "out")} | {"stage": stage}
     if args.resume:
         if not (out / "config.json").exists():
@@ -87,7 +95,8 @@ def start_run(args, stage):
         if diff:
             raise UsageError(f"--resume: flags differ from the run in {out}: {', '.join(diff)}")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    if rank_world()[0] == 0:
+        atomic_write(out / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
     return out
 
 
@@ -106,13 +115,16 @@ def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, res
     whole data position. metrics["stop"] = True ends the run early: checkpointed at that step, so a resumed stopped
     run stays stopped. Ctrl-C or SIGTERM: the step in progress ends, is checkpointed, and Interrupted is raised.
     A non-finite metric (metapeft.step then left the weights alone) stops the run, the last checkpoint kept, unless
-    it is one of the first skip_nonfinite such steps: those are skipped and counted in metrics.jsonl."""
+    it is one of the first skip_nonfinite such steps: those are skipped and counted in metrics.jsonl.
+    Under torchrun, rank 0 alone writes metrics and checkpoints, every rank resumes from them, and all stop at the
+    same step: a stop, or a signal to any one process, is agreed on (global_max) after each step."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_file = out / f"checkpoint-{name}.safetensors", out / "metrics.jsonl"
     start, stop, skipped = load_checkpoint(ckpt, state, extra) if resume and ckpt.exists() else (0, False, 0)
     if start:
         log(f"{name}: resumed from {ckpt} at step {start}")
-    if metrics_file.exists():  # drop what a killed run logged after its last checkpoint
+    main_rank = rank_world()[0] == 0
+    if metrics_file.exists() and main_rank:  # drop what a killed run logged after its last checkpoint
         lines = [l for l in metrics_file.read_text().splitlines() if logged_by_then(l, name, start)]
         atomic_write(metrics_file, lambda f: Path(f).write_text("".join(l + "\n" for l in lines)))
     progress, signals = Progress(name, total, start), []
@@ -126,8 +138,8 @@ def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, res
     try:
         for step in range(start, start if stop else total):
             metrics = step_fn(step)
-            stop = metrics.pop("stop", False)
-            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            stop, signum = map(int, global_max([metrics.pop("stop", False), signals[0] if signals else 0]))
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]  # the same on every rank: global sums
             if bad:
                 skipped += 1
                 if skipped > skip_nonfinite:
@@ -135,14 +147,17 @@ def train_loop(out, name, total, step_fn, state, extra=None, ckpt_every=100, res
                     raise UsageError(f"{name}: non-finite {', '.join(bad)} at step {step + 1}: stopped, {kept} "
                                      f"(--skip-nonfinite N skips up to N such steps)")
                 metrics |= dict.fromkeys(bad) | {"nonfinite_skipped": skipped}
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
-            progress.update(step + 1, metrics, last=stop)
-            if (step + 1) % ckpt_every == 0 or step + 1 == total or stop or signals:
-                save_checkpoint(ckpt, state, extra, step + 1, stop, skipped)
-            if signals:
-                raise Interrupted(f"{name}: stopped by {signal.Signals(signals[0]).name} after step {step + 1}, "
-                                  f"checkpoint saved in {out}", signals[0])
+            if main_rank:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
+                progress.update(step + 1, metrics, last=bool(stop))
+            if main_rank and ((step + 1) % ckpt_every == 0 or step + 1 == total or stop or signum):
+                save_checkpoint(ckpt, state, extra, step + 1, bool(stop), skipped)
+            if signum:
+                if dist.is_initialized():  # no process exits (and has torchrun stop the others) mid-checkpoint
+                    dist.barrier()
+                raise Interrupted(f"{name}: stopped by {signal.Signals(signum).name} after step {step + 1}, "
+                                  f"checkpoint saved in {out}", signum)
             if stop:
                 break
     finally:
@@ -225,6 +240,53 @@ def from_json(obj, tensors):
     return [from_json(v, tensors) for v in obj] if isinstance(obj, list) else obj
 
 
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+def rank_world():
+    """(rank, number of processes) as set by torchrun; (0, 1) in a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def dist_setup(args):
+    """Join torchrun's process group when there is more than one process (nccl on GPUs, one GPU per process;
+    gloo on CPU). A plain run starts none."""
+    if rank_world()[1] > 1:
+        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device_of(args).type == "cuda" else None
+        if gpu:
+            torch.cuda.set_device(gpu)
+        dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu)
+
+
+def my_share(n):
+    """The indices of a step's n tasks or micro-batches that this process computes: every world-th from its rank.
+    metapeft.step sums the processes' gradients, so each share's loss is weighted as in the whole step's loss."""
+    rank, world = rank_world()
+    return range(rank, n, world)
+
+
+def seeded(seed, step, index):
+    """Reseed torch's RNG (fresh phi draws, dropout) for one task or micro-batch from (seed, step, index): it draws
+    the same numbers whichever process computes it, so N processes make the update of one."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1_000_003 + index)
+
+
+def global_max(values):
+    """The elementwise max over the processes of a list of numbers (itself in a plain run): what one decides, all do."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def global_sum(t):
+    """A scalar tensor summed over the processes (each one's loss share -> the step's loss), as a float."""
+    t = t.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
 class Stateful:
     """Gives any state (a random generator, a dict of tensors) the state_dict / load_state_dict of a checkpoint."""
 
@@ -262,7 +324,8 @@ def testbed(args, seed, need_model=True):
 def resolve_inputs(args):
     """(model_dir, data_dir) by one rule for every stage: what is not given is the synthetic testbed's, so --data
     alone needs a stage that makes its own model (pretrain), and --model alone a model with the testbed's tokenizer.
-    model_dir is None when pretraining from scratch, data_dir None when pretraining --model on --text alone."""
+    model_dir is None when pretraining from scratch, data_dir None when pretraining --model on --text alone or
+    exporting --model."""
     if args.data is not None and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
     if args.model is not None:
@@ -278,7 +341,7 @@ def resolve_inputs(args):
             raise UsageError(f"--data without --model: give the checkpoint to use on {args.data} (the testbed's "
                              "encoder fits only the testbed's data)")
         return args.model and Path(args.model), Path(args.data)
-    if pretrain and args.model and args.text:
+    if args.model and (pretrain and args.text or args.stage == "export"):  # what needs no data
         return Path(args.model), None
     model_dir, data_dir = testbed(args, args.testbed_seed, need_model=args.model is None and not pretrain)
     if args.model is None:
@@ -352,13 +415,16 @@ def load_model(model_dir, tok, args, **kw):
 
 
 def save_model(model, out, model_dir):
-    """The model in the Hugging Face layout, with the tokenizer beside it, so it is a complete checkpoint. Never one
-    with non-finite weights."""
+    """The model in the Hugging Face layout, with the tokenizer beside it, so it is a complete checkpoint, and the
+    MLM head of model_dir (model.copy_lm_head) if the model has none, so that it exports as XLMRobertaForMaskedLM.
+    Never one with non-finite weights."""
     bad = [n for n, p in model.named_parameters() if not p.isfinite().all()]
     if bad:
         raise UsageError(f"{out}: not saved: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
     model.save_pretrained(out)
     shutil.copyfile(Path(model_dir) / "tokenizer.json", Path(out) / "tokenizer.json")
+    if model.lm_head is None:
+        copy_lm_head(model_dir, out)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -459,12 +525,15 @@ def prime(args, out, model_dir, data_dir, mode, seed):
         pad = tok.token_to_id("<pad>")
 
         def step_fn(step):
-            tasks = [(to_device(s, device), to_device(q, device))
-                     for s, q in data.episodes(examples, episodes, pad, seed, step)]
-            with autocast(args, device):
-                loss = metapeft.meta_loss(model, tasks, cfg, inner_lrs)
+            tasks = data.episodes(examples, episodes, pad, seed, step)
+            loss = torch.zeros((), device=device)
+            for i in my_share(len(tasks)):  # the meta-loss is the mean over the tasks
+                seeded(seed, step, i)
+                with autocast(args, device):
+                    task = tuple(to_device(b, device) for b in tasks[i])
+                    loss = loss + metapeft.meta_loss(model, [task], cfg, inner_lrs) / len(tasks)
             norm = metapeft.step(loss, params, opt, sched, cfg.clip)
-            return {"meta_loss": loss.item(), "grad_norm": norm, "lr": sched.get_last_lr()[0],
+            return {"meta_loss": global_sum(loss), "grad_norm": norm, "lr": sched.get_last_lr()[0],
                     "tokens": sum(int(b["attention_mask"].sum()) for task in tasks for b in task)}
 
         state = {"model": model, "opt": opt, "sched": sched}
@@ -473,7 +542,8 @@ def prime(args, out, model_dir, data_dir, mode, seed):
                                           lambda saved: copy_into(inner_lrs, saved))
         train_loop(out, f"prime-{mode}", args.prime_steps, step_fn, state, None, args.ckpt_every, args.resume,
                    args.skip_nonfinite)
-    save_model(model, out / "model", model_dir)
+    if rank_world()[0] == 0:
+        save_model(model, out / "model", model_dir)
     return out / "model"
 
 
@@ -500,8 +570,10 @@ def finetune(args, out, model_dir, data_dir, seed):
         if saved_peft_config(model_dir) != peft:
             raise UsageError(f"--phi-init primed: {model_dir} has no PEFT init for {peft}")
         load_peft(model, model_dir)
-    else:  # also replaces a head that priming saved for the same labels
+    elif args.phi_init == "fresh":  # also replaces a head that priming saved for the same labels
         copy_into(phi, fresh_phi(model))
+    else:  # a peft adapter folder: LoRA and head, e.g. trained with peft
+        load_lora_adapter(model, args.phi_init)
     for p in theta.values():
         p.requires_grad_(False)
     device = device_of(args)
@@ -513,14 +585,20 @@ def finetune(args, out, model_dir, data_dir, seed):
     per_epoch = math.ceil(len(train) / args.batch_size)
     best = {"f1": -1.0, "step": 0, "phi": {n: p.detach().clone() for n, p in phi.items()}, "dev_f1s": []}
     eval_every = args.eval_every or per_epoch
+    micro = args.micro_batch or math.ceil(args.batch_size / rank_world()[1])  # check_args: one or more per process
 
     epoch_batches = functools.lru_cache(1)(lambda epoch: data.batches(train, args.batch_size, pad, True, seed, epoch))
 
     def step_fn(step):
-        batch = to_device(epoch_batches(step // per_epoch)[step % per_epoch], device)
-        with autocast(args, device):
-            loss = metapeft.ce_loss(model, dict(model.named_parameters()), batch)
-        metrics = {"loss": loss.item(), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
+        batch = epoch_batches(step // per_epoch)[step % per_epoch]
+        labelled, params = int(batch["labels"].ne(data.IGNORE).sum()), dict(model.named_parameters())
+        loss = torch.zeros((), device=device)
+        for i in my_share(math.ceil(len(batch["labels"]) / micro)):  # the loss is a mean over labelled tokens
+            seeded(seed, step, i)
+            with autocast(args, device):
+                part = to_device({k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}, device)
+                loss = loss + metapeft.ce_loss(model, params, part, labelled)
+        metrics = {"loss": global_sum(loss), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
                    "lr": sched.get_last_lr()[0], "tokens": int(batch["attention_mask"].sum())}
         if (step + 1) % eval_every == 0 or step + 1 == args.finetune_steps:
             f1s = {lang: metapeft.evaluate(model, dev[lang], dev_sents[lang], labels, pad, args.eval_batch_size)["f1"]
@@ -538,8 +616,25 @@ def finetune(args, out, model_dir, data_dir, seed):
     copy_into(phi, best["phi"])
     log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']} "
         f"({len(best['dev_f1s'])} dev evaluations)")
-    save_model(model, out / "model", model_dir)
+    if rank_world()[0] == 0:
+        save_model(model, out / "model", model_dir)
     return out / "model"
+
+
+def export(args, model_dir, out):
+    """--model in another layout, the tokenizer beside it: hf-mlm (XLMRobertaForMaskedLM, with the MLM head the
+    encoder was pretrained with), hf-base (XLMRobertaModel), or peft (LoRA + head as a peft adapter folder)."""
+    if args.format == "peft":
+        peft = saved_peft_config(model_dir)
+        if peft is None or peft.method != "lora":
+            raise UsageError(f"--format peft: {model_dir} has no LoRA parameters (bottleneck adapters have no common "
+                             f"format: they stay in peft.safetensors, see README)")
+        model = load_peft(load_pretrained(model_dir, peft=peft), model_dir)
+        save_lora_adapter(model, out, model_dir.resolve())
+    else:
+        model = load_pretrained(model_dir, mlm=args.format == "hf-mlm")
+        model.save_pretrained(out, layout={"hf-mlm": "mlm", "hf-base": "base"}[args.format])
+    shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
 
 def evaluate(args, out, model_dir, data_dir):
@@ -745,7 +840,8 @@ def experiment(args, out, model_dir, data_dir):
             f"per-seed difference from none on the target average, 95% t-interval; wins: seeds where it beats none. "
             f"selection: dev F1 of the priming languages (no target labels), what hyper-parameters are chosen by.\n")
     pairs = "\n| paired, target avg | Δ | 95% CI | wins |\n|---|---|---|---|\n" + "".join(
-        f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n" for k, d in vs.items())
+        f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n" for k, d in vs.items()
+    ) if vs else ""
     result = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "paired": vs}
     atomic_write(out / "experiment.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
     atomic_write(out / "experiment.md", lambda f: Path(f).write_text(table + note + pairs))
@@ -770,10 +866,10 @@ RANGES = {
     "support_size": AT_LEAST_1, "support_batches": AT_LEAST_1, "query_size": AT_LEAST_1, "tasks": AT_LEAST_1,
     "lora_r": AT_LEAST_1, "lora_alpha": RATE, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "adapter_size": AT_LEAST_1, "prime_steps": AT_LEAST_0, "inner_steps": AT_LEAST_0, "inner_lr": RATE,
-    "inner_backprop": AT_LEAST_0, "prime_lr": RATE, "prime_warmup": AT_LEAST_0, "finetune_steps": AT_LEAST_1,
+    "inner_backprop": AT_LEAST_0, "prime_lr": RATE, "prime_warmup": AT_LEAST_0, "finetune_steps": AT_LEAST_0,
     "patience": AT_LEAST_0, "finetune_lr": RATE, "finetune_warmup": AT_LEAST_0, "batch_size": AT_LEAST_1,
-    "eval_every": AT_LEAST_0, "eval_batch_size": AT_LEAST_1, "weight_decay": FINITE_AT_LEAST_0,
-    "clip": FINITE_AT_LEAST_0, "pretrain_steps": AT_LEAST_0, "pretrain_lr": RATE,
+    "micro_batch": AT_LEAST_0, "eval_every": AT_LEAST_0, "eval_batch_size": AT_LEAST_1,
+    "weight_decay": FINITE_AT_LEAST_0, "clip": FINITE_AT_LEAST_0, "pretrain_steps": AT_LEAST_0, "pretrain_lr": RATE,
     "tiny_hidden": (lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (heads = width / 32)"),
     "tiny_layers": AT_LEAST_1, "seeds": AT_LEAST_1, "jobs": AT_LEAST_1, "probe_episodes": AT_LEAST_1,
 }
@@ -798,6 +894,19 @@ def check_args(args):
             raise UsageError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
     if args.per_world and (args.stage != "experiment" or args.model or args.data):
         raise UsageError("--per-world: only for --stage experiment on the testbed (no --model, --data)")
+    if args.stage == "export" and not args.out:
+        raise UsageError("--stage export needs --out (the folder to write the exported checkpoint to)")
+    if args.phi_init not in ("fresh", "primed") and not Path(args.phi_init).is_dir():
+        raise UsageError(f"--phi-init {args.phi_init}: not fresh, primed or a folder (a peft LoRA adapter)")
+    world = rank_world()[1]
+    if world > 1 and args.stage not in ("prime", "finetune"):
+        raise UsageError(f"--stage {args.stage} runs in one process (torchrun is for prime and finetune)")
+    if world > 1 and args.stage == "prime" and args.tasks < world:
+        raise UsageError(f"--tasks {args.tasks}: fewer tasks than the {world} processes that share them")
+    micro = args.micro_batch or math.ceil(args.batch_size / world)
+    if world > 1 and args.stage == "finetune" and math.ceil(args.batch_size / micro) < world:
+        raise UsageError(f"--micro-batch {micro}: a batch of {args.batch_size} has fewer micro-batches than the "
+                         f"{world} processes that share them")
     modes = {"prime": [args.mode], "probe": ["prime"],
              "experiment": [m for m in methods if m != "none"]}.get(args.stage, [])
     try:
@@ -813,9 +922,10 @@ def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
     a = lambda g, *n, **k: g.add_argument(*n, **{**k, "help": k["help"] + " (default: %(default)s)"})
     g = p.add_argument_group("run")
-    a(g, "--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment", "probe"), default="prime",
+    a(g, "--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment", "probe", "export"), default="prime",
       help="pretrain: MLM; prime: meta-learn theta for PEFT; finetune: PEFT on the source language; eval: per-language "
-           "test F1; experiment: none/multitask/maml/prime x seeds -> one table; probe: primed --model vs --base")
+           "test F1; experiment: none/multitask/maml/prime x seeds -> one table; probe: primed --model vs --base; "
+           "export: --model in --format to --out")
     a(g, "--model", help="Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json), e.g. "
       "xlm-roberta-base; omitted: the synthetic testbed's pretrained encoder")
     a(g, "--data", help="NER data folder: XTREME's {split}-{lang}.tsv or {lang}/{split}.{tsv,conll,jsonl}; "
@@ -831,6 +941,9 @@ def parse_args(argv=None):
     a(g, "--testbed", default="runs/testbed",
       help="synthetic testbed worlds (data + pretrained model) are cached in <this>-<world seed>")
     a(g, "--testbed-seed", type=int, default=0, help="seed of the synthetic world")
+    a(g, "--format", choices=("hf-mlm", "hf-base", "peft"), default="hf-mlm",
+      help="export: hf-mlm (XLMRobertaForMaskedLM), hf-base (XLMRobertaModel) or peft (LoRA + head as a peft "
+           "adapter folder)")
     g = p.add_argument_group("data and episodes")
     a(g, "--source", default="en", help="source language: fine-tuning and episode support batches")
     a(g, "--prime-langs", help="comma-separated query languages of priming episodes; omitted: the languages with a train but no test "
@@ -877,8 +990,9 @@ def parse_args(argv=None):
     a(g, "--prime-lr", type=float, default=1e-4, help="outer AdamW learning rate")
     a(g, "--prime-warmup", type=int, default=10, help="outer warm-up steps")
     g = p.add_argument_group("fine-tuning, evaluation, pretraining")
-    a(g, "--phi-init", choices=("fresh", "primed"), default="fresh",
-      help="downstream PEFT + head start: fresh, or the meta-learned init saved by priming")
+    a(g, "--phi-init", default="fresh",
+      help="downstream PEFT + head start: fresh, primed (the meta-learned init saved by priming), or a peft LoRA "
+           "adapter folder (adapter_config.json + adapter_model.safetensors, e.g. trained with peft)")
     a(g, "--finetune-steps", type=int, default=2000, help="most PEFT training steps on the source language")
     a(g, "--patience", type=int, default=5,
       help="stop fine-tuning after this many source-dev evaluations without a new best F1 (0: run all steps)")
@@ -887,6 +1001,10 @@ def parse_args(argv=None):
       "selects); omitted: none")
     a(g, "--finetune-warmup", type=int, default=30, help="PEFT learning-rate warm-up steps, then constant")
     a(g, "--batch-size", type=int, default=32, help="sentences per fine-tuning / pretraining batch")
+    a(g, "--micro-batch", type=int, default=0,
+      help="fine-tuning sentences per forward pass; under torchrun the processes share a batch's micro-batches, "
+           "each with its own dropout seed, so a run gives the weights of one process with the same value "
+           "(0: batch size / processes)")
     a(g, "--eval-every", type=int, default=100, help="steps between source-dev evaluations (0: once an epoch)")
     a(g, "--eval-batch-size", type=int, default=64, help="sentences per evaluation batch")
     a(g, "--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
@@ -916,10 +1034,16 @@ def main(argv=None):
     out = None
     try:
         args = parse_args(argv)
+        dist_setup(args)
+        rank = rank_world()[0]
+        if rank:  # rank 0 makes the testbed, if needed, before the others read it
+            dist.barrier()
         model_dir, data_dir = (None, None) if args.per_world else resolve_inputs(args)
-        out = start_run(args, args.stage)
+        if dist.is_initialized() and not rank:
+            dist.barrier()
+        out = Path(args.out) if args.stage == "export" else start_run(args, args.stage)  # export: a checkpoint folder
         on_testbed = args.data is None
-        if on_testbed and args.stage != "pretrain":
+        if on_testbed and args.stage not in ("pretrain", "export"):
             log(f"note: using the built-in synthetic testbed ({data_dir or args.testbed + '-<seed>'}); for real work pass "
                 f"--model path/to/xlm-roberta-base --data path/to/panx (see README)")
         if args.stage == "pretrain":  # a fresh tiny encoder (no --model), or continued MLM of --model
@@ -939,9 +1063,14 @@ def main(argv=None):
         elif args.stage == "probe":
             probe(args, out, model_dir, data_dir)
             log(f"probe: tables in {out}/probe.md, numbers in probe.json")
+        elif args.stage == "export":
+            export(args, model_dir, out)
+            log(f"export: {args.format} checkpoint written to {out}")
         else:
             experiment(args, out, model_dir, data_dir)
             log(f"experiment: table in {out}/experiment.md")
+        if dist.is_initialized():  # the processes leave together: gloo may abort one that tears down alone
+            dist.barrier()
     except (UsageError, data.DataError, CheckpointError) as e:  # the project's own errors; bugs keep their traceback
         log("error: " + " ".join(str(e).split()))  # one line, whatever the message quotes
         sys.exit(2)
@@ -949,6 +1078,9 @@ def main(argv=None):
         message, signum = e.args
         log(f"{message}; to go on, run the same command " + (f"with --resume --out {out}" if out else "again"))
         sys.exit(128 + signum)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
