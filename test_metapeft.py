@@ -669,7 +669,7 @@ def task(seed=1):
 
 
 def grads(loss, tensors):
-    return torch.autograd.grad(loss, list(tensors))
+    return [g.to_dense() for g in torch.autograd.grad(loss, list(tensors))]  # meta_loss's embedding one is sparse
 
 
 def max_diff(xs, ys):
@@ -822,6 +822,57 @@ def test_prime_zero_inner_steps_is_multitask_on_the_query_batches():
     prime = grads(mp.meta_loss(model, tasks, mp.PrimeConfig(inner_steps=0, phi_start="meta")), params)
     multitask = grads(mp.meta_loss(model, [(q, q) for _, q in tasks], mp.PrimeConfig(mode="multitask")), params)
     assert max_diff(prime, multitask) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["prime", "multitask", "maml"])
+def test_prime_word_embedding_gradient_is_row_sparse_and_steps_are_exact(mode):
+    """meta_loss gives the word embeddings a row-sparse gradient (dense in maml, whose inner loop adapts them) with
+    the numbers of the dense one, nonzero on the meta-batch's tokens only; step() then takes the same AdamW steps."""
+    cfg = mp.PrimeConfig(mode=mode, inner_steps=1, inner_lr=0.5, phi_start="meta", lr=1e-2)
+    tasks = [task(1), task(2)]
+
+    def dense_loss(model):  # meta_loss written out without it
+        theta, phi = theta_phi(model)
+        if mode == "multitask":
+            return sum(mp.ce_loss(model, {**theta, **phi}, b) for t in tasks for b in t) / 4
+        return sum(mp.task_loss(model, theta, phi, s, q, cfg) for s, q in tasks) / 2
+
+    models = [tiny_model(), tiny_model()]
+    params = [mp.outer_params(m, cfg) for m in models]
+    name = "encoder.word_embeddings.weight"
+    got = torch.autograd.grad(mp.meta_loss(models[0], tasks, cfg), list(params[0].values()))
+    want = grads(dense_loss(models[0]), params[0].values())
+    assert got[list(params[0]).index(name)].is_sparse == (mode != "maml")
+    assert not models[0].encoder.word_embeddings.sparse  # only while meta_loss runs
+    assert max_diff([g.to_dense() for g in got], want) < 1e-12
+    rows = want[list(params[0]).index(name)].abs().sum(1).nonzero().flatten()
+    assert set(rows.tolist()) <= {i for t in tasks for b in t for i in b["input_ids"].flatten().tolist()} - {1}
+    opts = [mp.make_optimizer(p, cfg.lr, cfg.weight_decay) for p in params]
+    scheds = [mp.make_scheduler(o, 0, 10) for o in opts]
+    for _ in range(3):
+        norms = [mp.step(loss, p, o, s, 0.01) for loss, p, o, s in
+                 zip((mp.meta_loss(models[0], tasks, cfg), dense_loss(models[1])), params, opts, scheds)]
+        assert norms[0] == pytest.approx(norms[1], rel=1e-12)
+    assert max_diff(*(list(m.parameters()) for m in models)) < 1e-12
+
+
+def test_prime_adamw_row_sparse_step_is_the_dense_step():
+    """make_optimizer's AdamW on a row-sparse gradient (blocks of 3 rows here; a row given twice) is, bit for bit,
+    torch's fused AdamW on the dense gradient: untouched rows decay too."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(10, 4, generator=gen)
+    ours, ref = start.clone().requires_grad_(), start.clone().requires_grad_()
+    opt, want = mp.make_optimizer({"w": ours}, 0.1, 0.3), torch.optim.AdamW([ref], lr=0.1, weight_decay=0.3, fused=True)
+    opt.block_bytes = 3 * 4 * 4
+    for rows in ([1, 4, 1, 5], [9], [0, 1, 2, 3]):
+        ours.grad = torch.sparse_coo_tensor(torch.tensor([rows]), torch.randn(len(rows), 4, generator=gen), (10, 4),
+                                            check_invariants=True)
+        ref.grad = ours.grad.to_dense()
+        opt.step()
+        want.step()
+        assert torch.equal(ours, ref)
+    assert not torch.equal(ours[7], start[7])  # never in a gradient, yet decayed
+    assert all(torch.equal(opt.state[ours][k], want.state[ref][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
 def test_prime_attention_kernels(monkeypatch):
