@@ -79,13 +79,14 @@ def timed_steps(fn, args, device):
     return times, peak
 
 
-def encoder_flops(args, passes):
-    """Matmul FLOPs of `passes` forward-pass equivalents of the encoder on one batch (attention over all positions,
-    padding included, as the kernels compute it; LoRA and the head are negligible)."""
-    cfg, tokens = Config(), args.batch * args.seq
+def forward_flops(batch, layers):
+    """Matmul FLOPs of one forward pass of the encoder on a batch: the projections and FFN on its real tokens (the
+    work either stack must do; padding is extra work, which ours skips), attention over all positions, as both
+    stacks' kernels compute it. Backward passes count as 2 forward passes; LoRA and the head are negligible."""
+    cfg, (B, S) = Config(), batch["input_ids"].shape
     H, I = cfg.hidden_size, cfg.intermediate_size
-    layer = 2 * tokens * (4 * H * H + 2 * H * I) + 2 * 2 * args.batch * args.seq ** 2 * H
-    return passes * args.layers * layer
+    tokens = int(batch["attention_mask"].sum())
+    return layers * (2 * tokens * (4 * H * H + 2 * H * I) + 2 * 2 * B * S * S * H)
 
 
 def autocast(args, device):
@@ -93,12 +94,14 @@ def autocast(args, device):
 
 
 def make_batches(args, n, device):
-    """n batches of random tokens, rows of varying length (so attention masks matter), random labels."""
+    """n batches of random tokens, rows of random lengths from half to all of args.seq (a quarter padding on
+    average; none with args.no_padding), random labels."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
         ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=gen)
-        lengths = torch.randint(args.seq // 2, args.seq + 1, (args.batch,), generator=gen)
+        lengths = torch.randint(args.seq if args.no_padding else args.seq // 2, args.seq + 1, (args.batch,),
+                                generator=gen)
         pad = torch.arange(args.seq) >= lengths[:, None]
         ids[:, 0] = 0
         ids[torch.arange(args.batch), lengths - 1] = 2
@@ -239,7 +242,7 @@ def child(args):
                 loss = run(batch["input_ids"], batch["attention_mask"]).float().square().mean()
             loss.backward()
         times, out["peak_mb"] = timed_steps(step, args, device)
-        out |= {"step_s": statistics.median(times), "times": times, "flops": encoder_flops(args, 3)}
+        out |= {"step_s": statistics.median(times), "times": times, "flops": 3 * forward_flops(batch, args.layers)}
     else:  # meta_{ours,reference}_{1,2}
         order = int(name[-1])
         cfg = mp.PrimeConfig(inner_steps=1, first_order=order == 1, phi_start="meta")
@@ -248,7 +251,8 @@ def child(args):
         norms = []  # the first is the warm-up step's: the same weights in both stacks, so it must agree
         times, out["peak_mb"] = timed_steps(lambda: norms.append(float(step(tasks, amp))), args, device)
         out |= {"step_s": statistics.median(times), "times": times, "grad_norm_first": norms[0],
-                "flops": encoder_flops(args, 5 if order == 1 else 9)}
+                "flops": forward_flops(tasks[0][0], args.layers) * (2 if order == 1 else 6)  # S: fwd, bwd (+ both again)
+                + forward_flops(tasks[0][1], args.layers) * 3}  # Q: forward and backward
     print(json.dumps(out))
 
 
@@ -276,7 +280,7 @@ def write_checkpoints(args, root):
 def run_variant(name, args, ckpt):
     """The figures (a dict) of one variant, run in a fresh process."""
     flags = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "batch", "seq", "steps", "threads", "device",
-                                                   "dtype")]
+                                                   "dtype")] + ["--no-padding"] * args.no_padding
     proc = subprocess.run([sys.executable, __file__, *flags, f"--child={name}", f"--ckpt={ckpt}"],
                           capture_output=True, text=True)
     if proc.returncode:
@@ -304,6 +308,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help=f"smaller sizes: {SIZES['quick']} (default: {SIZES['full']})")
     for k in SIZES["full"]:
         ap.add_argument(f"--{k}", type=int, help=f"override the {k} of the chosen size")
+    ap.add_argument("--no-padding", action="store_true", help="every row full length (default: a quarter padding)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs every variant once (default: 3)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process after a warm-up (default: 3)")
     ap.add_argument("--threads", type=int, default=1,
@@ -323,7 +328,9 @@ def main():
 
     sections = args.sections.split(",")
     start, load = time.time(), os.getloadavg()[0]
-    report = {"size": {k: getattr(args, k) for k in SIZES["full"]} | {"tasks": 1, "hidden": 768, "heads": 12},
+    padding = 1 - torch.cat([b["attention_mask"] for b in make_batches(args, 2, "cpu")]).float().mean().item()
+    report = {"size": {k: getattr(args, k) for k in SIZES["full"]} | {"tasks": 1, "hidden": 768, "heads": 12,
+                                                                      "padding_fraction": round(padding, 3)},
               "device": torch.cuda.get_device_name() if args.device == "cuda" else
               f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch thread(s)",
               "dtype": args.dtype, "torch": torch.__version__, "repeats": args.repeats, "steps": args.steps}
