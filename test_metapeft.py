@@ -1030,6 +1030,27 @@ def test_prime_short_run_lowers_query_loss_and_saves(tmp_path):
         assert torch.allclose(ours(*x)[real], hf(*x).logits[real], atol=1e-5)
 
 
+def test_bench_meta_steps_agree_with_the_reference(tmp_path, capsys):
+    """bench/run.py's variants at a tiny size: ours and the transformers + peft reference take the meta-step with the
+    same gradient norm (first and second order), and the encoders agree."""
+    import argparse
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(os.path.dirname(__file__), "bench", "run.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = dict(layers=1, vocab=100, batch=2, seq=8, steps=1, threads=1, device="cpu", dtype="fp32", no_padding=False,
+                ckpt=str(tmp_path))
+    bench.write_checkpoints(argparse.Namespace(**args), tmp_path)
+    out = {}
+    for name in ("parity", "meta_ours_1", "meta_reference_1", "meta_ours_2", "meta_reference_2"):
+        bench.child(argparse.Namespace(**args, child=name))
+        out[name] = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["parity"]["parity_fp32_max_abs_diff"] < 1e-5
+    for order in (1, 2):
+        ours, ref = (out[f"meta_{who}_{order}"]["grad_norm_first"] for who in ("ours", "reference"))
+        assert ours == pytest.approx(ref, rel=1e-5) and ours > 0
+
+
 # ---------------------------------------------------------------------------------------------- train.py
 
 import train  # noqa: E402
