@@ -2,8 +2,8 @@
 
 Loads and saves Hugging Face checkpoints (config.json + model.safetensors) and gives the same
 numbers as `transformers`' XLMRobertaModel / ForTokenClassification / ForMaskedLM on the same
-weights; LoRA and the head move to and from peft adapter folders (save_lora_adapter / load_lora_adapter).
-Parameter names split into three groups with one-line filters:
+weights (at real tokens: padding is not computed); LoRA and the head move to and from peft adapter folders
+(save_lora_adapter / load_lora_adapter). Parameter names split into three groups with one-line filters:
     PEFT (phi):   names containing "lora_" or "adapter"      -> is_peft(name)
     head (phi):   names starting with "classifier."          -> is_head(name)
     base (theta): everything else (encoder, lm_head)

@@ -12,7 +12,7 @@ Sections, from one checkpoint the script writes (random weights, a trained-looki
            checkpoint's, gradient of theta only) with the outer AdamW step, first and second order: ours
            (metapeft.meta_loss + metapeft.step) vs the same algorithm on transformers + peft driven by
            torch.func.functional_call, with the fastest attention that works (sdpa first order, eager second
-           order) and torch.optim.AdamW + clip_grad_norm_ as a user writes them; dropout 0, so losses agree
+           order) and torch.optim.AdamW + clip_grad_norm_ as a user writes them; dropout 0, so gradients agree
 Every variant runs in a fresh process (its own peak memory, no shared allocator state), in alternating order over
 --repeats rounds; each process times --steps steps after one warm-up step. Figures are medians. Ratios are ours
 relative to the reference: speed-ups above 1 are faster, memory ratios below 1 smaller.
@@ -205,7 +205,8 @@ def child(args):
                 for m, k, n in shapes]
         reps = 10 if device.type == "cpu" else 200
         times, out["peak_mb"] = timed_steps(lambda: [a @ b for a, b in mats for _ in range(reps)], args, device)
-        out["times"], out["flop_per_s"] = times, reps * sum(2 * m * k * n for m, k, n in shapes) / statistics.median(times)
+        flops = reps * sum(2 * m * k * n for m, k, n in shapes)
+        out |= {"times": times, "flop_per_s": flops / statistics.median(times)}
     elif name == "parity":
         from transformers import XLMRobertaModel
         ours = load_pretrained(ckpt / "encoder").encoder.to(device).eval()
@@ -217,7 +218,8 @@ def child(args):
         states = {}
         for dtype in ("fp32", "bf16"):
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                states[dtype] = (ours(ids, mask).float()[real], ref(ids, attention_mask=mask).last_hidden_state.float()[real])
+                states[dtype] = (ours(ids, mask).float()[real],
+                                 ref(ids, attention_mask=mask).last_hidden_state.float()[real])
         want = states["fp32"][1]
         out = {"parity_fp32_max_abs_diff": (states["fp32"][0] - want).abs().max().item(),
                "parity_max_abs_state": want.abs().max().item()}
@@ -251,8 +253,9 @@ def child(args):
         norms = []  # the first is the warm-up step's: the same weights in both stacks, so it must agree
         times, out["peak_mb"] = timed_steps(lambda: norms.append(float(step(tasks, amp))), args, device)
         out |= {"step_s": statistics.median(times), "times": times, "grad_norm_first": norms[0],
-                "flops": forward_flops(tasks[0][0], args.layers) * (2 if order == 1 else 6)  # S: fwd, bwd (+ both again)
-                + forward_flops(tasks[0][1], args.layers) * 3}  # Q: forward and backward
+                # support: forward, backward (second order: both once more); query: forward, backward
+                "flops": forward_flops(tasks[0][0], args.layers) * (2 if order == 1 else 6)
+                + forward_flops(tasks[0][1], args.layers) * 3}
     print(json.dumps(out))
 
 
