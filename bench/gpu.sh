@@ -19,6 +19,10 @@ THREADS=${THREADS:-8}  # CPU threads of the benchmark processes (model initialis
 SIZE=${SIZE:-}  # bench/run.py size flags; empty: xlm-roberta-base size
 TRAIN_ARGS=${TRAIN_ARGS:-}
 PY=${PYTHON:-python}
+"$PY" -c "import torch, transformers, peft; assert '$DEVICE' == 'cpu' or torch.cuda.is_available(), 'no CUDA'" || {
+  echo "bench/gpu.sh: needs $PY with torch (CUDA build, a visible GPU), transformers and peft (requirements-test.txt)"
+  exit 2
+}
 mkdir -p "$OUT"
 rm -f "$OUT/parts.jsonl"
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) > "$OUT/nvidia-smi.csv" 2>&1
