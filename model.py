@@ -2,8 +2,8 @@
 
 Loads and saves Hugging Face checkpoints (config.json + model.safetensors) and gives the same
 numbers as `transformers`' XLMRobertaModel / ForTokenClassification / ForMaskedLM on the same
-weights; LoRA and the head move to and from peft adapter folders (save_lora_adapter / load_lora_adapter).
-Parameter names split into three groups with one-line filters:
+weights (at real tokens: padding is not computed); LoRA and the head move to and from peft adapter folders
+(save_lora_adapter / load_lora_adapter). Parameter names split into three groups with one-line filters:
     PEFT (phi):   names containing "lora_" or "adapter"      -> is_peft(name)
     head (phi):   names starting with "classifier."          -> is_head(name)
     base (theta): everything else (encoder, lm_head)
@@ -182,18 +182,23 @@ class Layer(nn.Module):
         self.adapter_attn = adapter(method == "houlsby")
         self.adapter_ffn = adapter(method in ("houlsby", "pfeiffer"))
 
-    def forward(self, x, mask):
-        B, S, H = x.shape
-        q, k, v = (p(x).view(B, S, self.n_heads, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_attn if self.training else 0.0)
-        a = a.transpose(1, 2).reshape(B, S, H)
+    def forward(self, x, mask, keep):
+        """x: [tokens, hidden], the real tokens only; mask: [batch, seq], True at real tokens; keep: their flat
+        indices. Attention sees them put back in [batch, seq] (zeros at padding, which the mask hides)."""
+        (B, S), H = mask.shape, x.shape[-1]
+        padded = lambda t: t.new_zeros(B * S, H).index_copy(0, keep, t).view(B, S, self.n_heads, -1).transpose(1, 2)
+        q, k, v = (padded(p(x)) for p in (self.query, self.key, self.value))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
+                                           dropout_p=self.p_attn if self.training else 0.0)
+        a = a.transpose(1, 2).reshape(B * S, H)[keep]
         x = self.attn_norm(x + self.adapter_attn(self.dropout(self.attn_out(a))))
         h = self.ffn_out(F.gelu(self.ffn_in(x)))
         return self.ffn_norm(x + self.adapter_ffn(self.dropout(h)))
 
 
 class Encoder(nn.Module):
-    """Embeddings (RoBERTa position ids) + layers; returns the last hidden state [batch, seq, hidden]."""
+    """Embeddings (RoBERTa position ids) + layers; returns the last hidden state [batch, seq, hidden], 0 at
+    positions the attention mask hides."""
 
     def __init__(self, cfg, peft=None):
         super().__init__()
@@ -209,12 +214,16 @@ class Encoder(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         real = input_ids.ne(self.pad)
         positions = torch.cumsum(real, 1) * real + self.pad  # counted from pad+1 over non-pad tokens
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        mask = real if attention_mask is None else attention_mask.bool()
+        # Everything but attention works token by token, so only the real tokens (mask True) go through it:
+        # padding costs no projection, FFN or norm FLOPs. Masked positions' hidden states are returned as 0.
+        keep = mask.flatten().nonzero().squeeze(1)
+        ids, positions = input_ids.flatten()[keep], positions.flatten()[keep]
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
         x = self.dropout(self.LayerNorm(x))
-        mask = (real if attention_mask is None else attention_mask.bool())[:, None, None, :]
         for layer in self.layers:
-            x = layer(x, mask)
-        return x
+            x = layer(x, mask, keep)
+        return x.new_zeros(mask.numel(), x.shape[-1]).index_copy(0, keep, x).view(*mask.shape, -1)
 
 
 class LMHead(nn.Module):

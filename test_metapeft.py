@@ -62,10 +62,11 @@ def test_model_parity_with_transformers(tmp_path, shape):
     ref, path = hf_token_model(tmp_path, shape)
     ours = load_pretrained(path).eval()
     ids, mask = padded_batch()
+    real = mask.bool()  # padding is not computed: its hidden states are 0
     with torch.no_grad():
-        h_ref = ref.roberta(ids, attention_mask=mask).last_hidden_state
-        assert (ours.encoder(ids, mask) - h_ref).abs().max() < 1e-5
-        assert (ours(ids, mask) - ref(ids, attention_mask=mask).logits).abs().max() < 1e-5
+        h_ref, h = ref.roberta(ids, attention_mask=mask).last_hidden_state, ours.encoder(ids, mask)
+        assert (h - h_ref)[real].abs().max() < 1e-5 and not h[~real].any()
+        assert (ours(ids, mask) - ref(ids, attention_mask=mask).logits)[real].abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("shape", TINY[:2])
@@ -78,7 +79,7 @@ def test_model_mlm_parity_and_lossless_roundtrip(tmp_path, shape):
     assert ours.classifier is None  # transformers' default id2label is no head
     ids, mask = padded_batch()
     with torch.no_grad():
-        assert (ours.mlm_logits(ids, mask) - ref(ids, attention_mask=mask).logits).abs().max() < 1e-5
+        assert (ours.mlm_logits(ids, mask) - ref(ids, attention_mask=mask).logits)[mask.bool()].abs().max() < 1e-5
     ours.save_pretrained(tmp_path / "ours")
     back = XLMRobertaForMaskedLM.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
@@ -102,7 +103,7 @@ def test_model_roundtrips(tmp_path, caplog):
         back = AutoModelForTokenClassification.from_pretrained(tmp_path / "ours").eval()
     assert "newly initialized" not in caplog.text and "MISSING" not in caplog.text
     with torch.no_grad():
-        assert (back(ids, attention_mask=mask).logits - ours(ids, mask)).abs().max() < 1e-5
+        assert (back(ids, attention_mask=mask).logits - ours(ids, mask))[mask.bool()].abs().max() < 1e-5
         again = load_pretrained(tmp_path / "ours").eval()
         assert torch.equal(again(ids, mask), ours(ids, mask))  # our save -> our load: bit-identical
     assert again.labels == labels
@@ -128,7 +129,8 @@ def test_model_loads_sharded_and_unprefixed_checkpoints(tmp_path):
     (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     ids, mask = padded_batch()
     with torch.no_grad():
-        assert (load_pretrained(shard).eval()(ids, mask) - ref(ids, attention_mask=mask).logits).abs().max() < 1e-5
+        diff = load_pretrained(shard).eval()(ids, mask) - ref(ids, attention_mask=mask).logits
+        assert diff[mask.bool()].abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -246,7 +248,7 @@ def test_model_lora_exports_to_peft(tmp_path):
     assert (config.r, config.lora_alpha, config.lora_dropout, config.task_type) == (4, 6.0, 0.1, "TOKEN_CLS")
     ids, mask = padded_batch(seed=2)
     with torch.no_grad():
-        assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask)).abs().max() < 1e-5
+        assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask))[mask.bool()].abs().max() < 1e-5
         back = load_lora_adapter(load_pretrained(path, peft=peft), tmp_path / "adapter").eval()
         assert torch.equal(back(ids, mask), ours(ids, mask))
 
@@ -269,7 +271,7 @@ def test_model_imports_a_lora_trained_with_peft(tmp_path):
     theirs.eval()
     ids, mask = padded_batch(seed=6)
     with torch.no_grad():
-        assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask)).abs().max() < 1e-5
+        assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask))[mask.bool()].abs().max() < 1e-5
     _, other_size = hf_token_model(tmp_path / "other", TINY[2])
     (tmp_path / "rslora").mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -669,7 +671,7 @@ def task(seed=1):
 
 
 def grads(loss, tensors):
-    return torch.autograd.grad(loss, list(tensors))
+    return [g.to_dense() for g in torch.autograd.grad(loss, list(tensors))]  # meta_loss's embedding one is sparse
 
 
 def max_diff(xs, ys):
@@ -824,6 +826,57 @@ def test_prime_zero_inner_steps_is_multitask_on_the_query_batches():
     assert max_diff(prime, multitask) < 1e-10
 
 
+@pytest.mark.parametrize("mode", ["prime", "multitask", "maml"])
+def test_prime_word_embedding_gradient_is_row_sparse_and_steps_are_exact(mode):
+    """meta_loss gives the word embeddings a row-sparse gradient (dense in maml, whose inner loop adapts them) with
+    the numbers of the dense one, nonzero on the meta-batch's tokens only; step() then takes the same AdamW steps."""
+    cfg = mp.PrimeConfig(mode=mode, inner_steps=1, inner_lr=0.5, phi_start="meta", lr=1e-2)
+    tasks = [task(1), task(2)]
+
+    def dense_loss(model):  # meta_loss written out without it
+        theta, phi = theta_phi(model)
+        if mode == "multitask":
+            return sum(mp.ce_loss(model, {**theta, **phi}, b) for t in tasks for b in t) / 4
+        return sum(mp.task_loss(model, theta, phi, s, q, cfg) for s, q in tasks) / 2
+
+    models = [tiny_model(), tiny_model()]
+    params = [mp.outer_params(m, cfg) for m in models]
+    name = "encoder.word_embeddings.weight"
+    got = torch.autograd.grad(mp.meta_loss(models[0], tasks, cfg), list(params[0].values()))
+    want = grads(dense_loss(models[0]), params[0].values())
+    assert got[list(params[0]).index(name)].is_sparse == (mode != "maml")
+    assert not models[0].encoder.word_embeddings.sparse  # only while meta_loss runs
+    assert max_diff([g.to_dense() for g in got], want) < 1e-12
+    rows = want[list(params[0]).index(name)].abs().sum(1).nonzero().flatten()
+    assert set(rows.tolist()) <= {i for t in tasks for b in t for i in b["input_ids"].flatten().tolist()} - {1}
+    opts = [mp.make_optimizer(p, cfg.lr, cfg.weight_decay) for p in params]
+    scheds = [mp.make_scheduler(o, 0, 10) for o in opts]
+    for _ in range(3):
+        norms = [mp.step(loss, p, o, s, 0.01) for loss, p, o, s in
+                 zip((mp.meta_loss(models[0], tasks, cfg), dense_loss(models[1])), params, opts, scheds)]
+        assert norms[0] == pytest.approx(norms[1], rel=1e-12)
+    assert max_diff(*(list(m.parameters()) for m in models)) < 1e-12
+
+
+def test_prime_adamw_row_sparse_step_is_the_dense_step():
+    """make_optimizer's AdamW on a row-sparse gradient (blocks of 3 rows here; a row given twice) is, bit for bit,
+    torch's fused AdamW on the dense gradient: untouched rows decay too."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(10, 4, generator=gen)
+    ours, ref = start.clone().requires_grad_(), start.clone().requires_grad_()
+    opt, want = mp.make_optimizer({"w": ours}, 0.1, 0.3), torch.optim.AdamW([ref], lr=0.1, weight_decay=0.3, fused=True)
+    opt.block_bytes = 3 * 4 * 4
+    for rows in ([1, 4, 1, 5], [9], [0, 1, 2, 3]):
+        ours.grad = torch.sparse_coo_tensor(torch.tensor([rows]), torch.randn(len(rows), 4, generator=gen), (10, 4),
+                                            check_invariants=True)
+        ref.grad = ours.grad.to_dense()
+        opt.step()
+        want.step()
+        assert torch.equal(ours, ref)
+    assert not torch.equal(ours[7], start[7])  # never in a gradient, yet decayed
+    assert all(torch.equal(opt.state[ours][k], want.state[ref][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
 def test_prime_attention_kernels(monkeypatch):
     """Fused SDPA has no double backward; second order runs the support passes on the math kernel, first order
     and the query pass keep the default (fused) kernels, and the kernel choice does not change the numbers."""
@@ -973,7 +1026,30 @@ def test_prime_short_run_lowers_query_loss_and_saves(tmp_path):
         transformers = pytest.importorskip("transformers")
         hf = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "primed").eval()
         ours = load_pretrained(tmp_path / "primed").eval()  # the encoder and head alone, as Hugging Face sees them
-        assert torch.allclose(ours(*x), hf(*x).logits, atol=1e-5)
+        real = x[1].bool()  # padding is not computed
+        assert torch.allclose(ours(*x)[real], hf(*x).logits[real], atol=1e-5)
+
+
+def test_bench_meta_steps_agree_with_the_reference(tmp_path, capsys):
+    """bench/run.py's variants at a tiny size: ours and the transformers + peft reference take the meta-step with the
+    same gradient norm (first and second order), and the encoders agree."""
+    import argparse
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "bench", "run.py")
+    spec = importlib.util.spec_from_file_location("bench_run", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = dict(layers=1, vocab=100, batch=2, seq=8, steps=1, threads=1, device="cpu", dtype="fp32", no_padding=False,
+                ckpt=str(tmp_path))
+    bench.write_checkpoints(argparse.Namespace(**args), tmp_path)
+    out = {}
+    for name in ("parity", "meta_ours_1", "meta_reference_1", "meta_ours_2", "meta_reference_2"):
+        bench.child(argparse.Namespace(**args, child=name))
+        out[name] = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["parity"]["parity_fp32_max_abs_diff"] < 1e-5
+    for order in (1, 2):
+        ours, ref = (out[f"meta_{who}_{order}"]["grad_norm_first"] for who in ("ours", "reference"))
+        assert ours == pytest.approx(ref, rel=1e-5) and ours > 0
 
 
 # ---------------------------------------------------------------------------------------------- train.py
@@ -1128,9 +1204,10 @@ def test_train_export_and_import(tiny_testbed, tmp_path, monkeypatch, capsys):
     ids, mask = padded_batch(vocab=ours.cfg.vocab_size)
     with torch.no_grad():
         hidden = ours.encoder(ids, mask)
-        assert (base.eval()(ids, attention_mask=mask).last_hidden_state - hidden).abs().max() < 1e-5
-        assert (mlm.eval().roberta(ids, attention_mask=mask).last_hidden_state - hidden).abs().max() < 1e-5
-        assert (mlm(ids, attention_mask=mask).logits - ours.mlm_logits(ids, mask)).abs().max() < 1e-5
+        real = mask.bool()  # padding is not computed
+        assert (base.eval()(ids, attention_mask=mask).last_hidden_state - hidden)[real].abs().max() < 1e-5
+        assert (mlm.eval().roberta(ids, attention_mask=mask).last_hidden_state - hidden)[real].abs().max() < 1e-5
+        assert (mlm(ids, attention_mask=mask).logits - ours.mlm_logits(ids, mask))[real].abs().max() < 1e-5
     pretrained = load_pretrained(model, mlm=True)  # priming changed the encoder, not the MLM head it started with
     assert all(torch.equal(p, q) for p, q in zip(ours.lm_head.parameters(), pretrained.lm_head.parameters()))
     assert not torch.equal(ours.encoder.layers[0].query.weight, pretrained.encoder.layers[0].query.weight)
@@ -1143,7 +1220,7 @@ def test_train_export_and_import(tiny_testbed, tmp_path, monkeypatch, capsys):
         "base_model_name_or_path"], tmp_path / "adapter")
     ours = load_peft(load_pretrained(tuned, peft=saved_peft_config(tuned)), tuned).eval()
     with torch.no_grad():
-        assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask)).abs().max() < 1e-5
+        assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask))[mask.bool()].abs().max() < 1e-5
     # The adapter back in: fine-tuning from it for 0 steps saves the same model.
     assert run_cli("--stage", "finetune", "--model", primed, "--out", tmp_path / "g", "--finetune-steps", 0,
                    "--phi-init", tmp_path / "adapter", *common) == 0

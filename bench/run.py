@@ -1,0 +1,388 @@
+"""Speed and memory of metapeft against transformers (+ peft). The last line printed is one JSON object.
+
+    python bench/run.py --quick                         # 2 layers, vocab 50k, batches 8 x 64: a smoke run
+    python bench/run.py                                 # xlm-roberta-base: 12 layers, vocab 250,002, batches 8 x 128
+    python bench/run.py --device cuda --dtype bf16      # on a GPU (bench/gpu.sh runs it)
+
+Sections, from one checkpoint the script writes (random weights, a trained-looking LoRA):
+  matmul   this machine's matmul rate on the encoder's own shapes (torch.mm, the benchmark's dtype)
+  parity   max |ours - transformers| of the encoder's hidden states, eval mode
+  encoder  forward+backward of our encoder vs transformers' XLMRobertaModel (sdpa), dropout on
+  meta     one priming meta-step (K = 1 inner SGD step on LoRA r = 8 on query/value + head, phi0 = the
+           checkpoint's, gradient of theta only) with the outer AdamW step, first and second order: ours
+           (metapeft.meta_loss + metapeft.step) vs the same algorithm on transformers + peft driven by
+           torch.func.functional_call, with the fastest attention that works (sdpa first order, eager second
+           order) and torch.optim.AdamW + clip_grad_norm_ as a user writes them; dropout 0, so gradients agree
+Every variant runs in a fresh process (its own peak memory, no shared allocator state), in alternating order over
+--repeats rounds; each process times --steps steps after one warm-up step. Figures are medians. Ratios are ours
+relative to the reference: speed-ups above 1 are faster, memory ratios below 1 smaller.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import metapeft as mp  # noqa: E402
+from model import Config, Model, PeftConfig, hf_key, load_peft, load_pretrained  # noqa: E402
+
+LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
+PEFT = PeftConfig(method="lora", lora_r=8, lora_alpha=16.0, lora_targets=("query", "value"))
+SIZES = {"full": dict(layers=12, vocab=250002, batch=8, seq=128), "quick": dict(layers=2, vocab=50000, batch=8, seq=64)}
+# Our bf16 hidden states may be at most this many times as far (mean absolute error) from transformers' fp32 states
+# as transformers' own bf16 states are.
+BF16_TOLERANCE = 1.5
+# Dense peak TFLOP/s (bf16, fp32 without TF32) of GPUs we may be lent, for MFU against the data sheet.
+PEAK_TFLOPS = {"H200": (989.4, 66.9), "H100": (989.4, 66.9), "A100": (312.0, 19.5)}
+
+
+# ----------------------------------------------------------------------------- in the child process
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_steps(fn, args, device):
+    """Seconds of each of args.steps calls of fn after one warm-up call, and the peak memory (MB) over them: the
+    CUDA allocator's peak, or the process's resident-set high-water mark (reset after the warm-up step).
+    On a CPU the seconds are the process's CPU time: with one thread that is the wall time of an idle machine, and
+    unlike wall time it does not count the time other jobs on a shared machine hold the cores."""
+    fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    times = []
+    for _ in range(args.steps):
+        start = clock()
+        fn()
+        sync(device)
+        times.append(clock() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+    return times, peak
+
+
+def forward_flops(batch, layers):
+    """Matmul FLOPs of one forward pass of the encoder on a batch: the projections and FFN on its real tokens (the
+    work either stack must do; padding is extra work, which ours skips), attention over all positions, as both
+    stacks' kernels compute it. Backward passes count as 2 forward passes; LoRA and the head are negligible."""
+    cfg, (B, S) = Config(), batch["input_ids"].shape
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    tokens = int(batch["attention_mask"].sum())
+    return layers * (2 * tokens * (4 * H * H + 2 * H * I) + 2 * 2 * B * S * S * H)
+
+
+def autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+
+
+def make_batches(args, n, device):
+    """n batches of random tokens, rows of random lengths from half to all of args.seq (a quarter padding on
+    average; none with args.no_padding), random labels."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=gen)
+        lengths = torch.randint(args.seq if args.no_padding else args.seq // 2, args.seq + 1, (args.batch,),
+                                generator=gen)
+        pad = torch.arange(args.seq) >= lengths[:, None]
+        ids[:, 0] = 0
+        ids[torch.arange(args.batch), lengths - 1] = 2
+        ids[pad] = 1
+        labels = torch.randint(len(LABELS), ids.shape, generator=gen).masked_fill(ids <= 2, -100)
+        out.append({k: v.to(device) for k, v in
+                    {"input_ids": ids, "attention_mask": (~pad).long(), "labels": labels}.items()})
+    return out
+
+
+def hf_model(ckpt, attention, device):
+    """transformers' XLMRobertaForTokenClassification + peft LoRA, weights from the checkpoint, all trainable."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForTokenClassification
+
+    hf = AutoModelForTokenClassification.from_pretrained(ckpt, attn_implementation=attention)
+    model = get_peft_model(hf, LoraConfig(r=PEFT.lora_r, lora_alpha=PEFT.lora_alpha, lora_dropout=0.0,
+                                          target_modules=list(PEFT.lora_targets)))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in load_file(ckpt / "peft.safetensors").items():
+            params[f"base_model.model.{hf_key(n)}.default.weight"].copy_(t)
+        for p in params.values():  # own memory, not pages of the checkpoint file that loading may have mapped
+            p.data = p.data.clone()
+    for p in params.values():
+        p.requires_grad_(True)  # peft froze the base and the head; priming trains theta and adapts the head
+    return model.to(device)
+
+
+def is_phi(name):
+    """LoRA or head, under our names and under peft's (base_model.model.classifier.weight, ...lora_A.default...)."""
+    return "lora_" in name or "classifier." in name
+
+
+def ours_meta_step(ckpt, cfg, device):
+    """Our meta-step: metapeft.meta_loss with phi0 = the checkpoint's phi, then metapeft.step."""
+    model = load_peft(load_pretrained(ckpt, labels=LABELS, peft=PEFT), ckpt).to(device).train()
+    params = mp.outer_params(model, cfg)
+    opt = mp.make_optimizer(params, cfg.lr, cfg.weight_decay)
+    sched = mp.make_scheduler(opt, 0, 1000)
+    return lambda tasks, amp: mp.step(_loss(amp, lambda: mp.meta_loss(model, tasks, cfg)), params, opt, sched,
+                                      cfg.clip)
+
+
+def reference_meta_step(ckpt, cfg, device):
+    """The same meta-step as a user writes it on transformers + peft + functional_call."""
+    model = hf_model(ckpt, "sdpa" if cfg.first_order else "eager", device).train()
+    params = dict(model.named_parameters())
+    phi = [n for n in params if is_phi(n)]
+    theta = [p for n, p in params.items() if not is_phi(n)]
+    opt = torch.optim.AdamW([{"params": [p for p in theta if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in theta if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    sched = mp.make_scheduler(opt, 0, 1000)
+
+    def loss(p, batch):
+        logits = functional_call(model, p, (), {"input_ids": batch["input_ids"],
+                                                "attention_mask": batch["attention_mask"]}).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+
+    def meta_loss(tasks):
+        losses = []
+        for support, query in tasks:
+            p = dict(params)
+            for _ in range(cfg.inner_steps):
+                grads = torch.autograd.grad(loss(p, support), [p[n] for n in phi], create_graph=not cfg.first_order)
+                p.update({n: p[n] - cfg.inner_lr * g for n, g in zip(phi, grads)})
+            losses.append(loss(p, query))
+        return sum(losses) / len(losses)
+
+    def step(tasks, amp):
+        loss = _loss(amp, lambda: meta_loss(tasks))
+        loss.backward(inputs=theta)
+        norm = torch.nn.utils.clip_grad_norm_(theta, cfg.clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+    return step
+
+
+def _loss(amp, fn):
+    with amp:
+        return fn()
+
+
+def child(args):
+    """Run one variant in this (fresh) process; print its figures as one JSON line."""
+    import peft, transformers  # noqa: F401  in every variant, so that all start from the same resident memory
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    device, ckpt, name = torch.device(args.device), Path(args.ckpt), args.child
+    amp = autocast(args, device)
+    out = {}
+    if name == "matmul":
+        cfg, tokens = Config(), args.batch * args.seq
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        shapes = [(tokens, cfg.hidden_size, cfg.hidden_size), (tokens, cfg.hidden_size, cfg.intermediate_size),
+                  (tokens, cfg.intermediate_size, cfg.hidden_size)]
+        mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+                for m, k, n in shapes]
+        reps = 10 if device.type == "cpu" else 200
+        times, out["peak_mb"] = timed_steps(lambda: [a @ b for a, b in mats for _ in range(reps)], args, device)
+        flops = reps * sum(2 * m * k * n for m, k, n in shapes)
+        out |= {"times": times, "flop_per_s": flops / statistics.median(times)}
+    elif name == "parity":
+        from transformers import XLMRobertaModel
+        ours = load_pretrained(ckpt / "encoder").encoder.to(device).eval()
+        ref = XLMRobertaModel.from_pretrained(ckpt / "encoder", attn_implementation="sdpa",
+                                              add_pooling_layer=False).to(device).eval()
+        batch = make_batches(args, 1, device)[0]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        real = mask.bool()  # padded positions' states are unused (and differ between attention kernels)
+        states = {}
+        for dtype in ("fp32", "bf16"):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                states[dtype] = (ours(ids, mask).float()[real],
+                                 ref(ids, attention_mask=mask).last_hidden_state.float()[real])
+        want = states["fp32"][1]
+        out = {"parity_fp32_max_abs_diff": (states["fp32"][0] - want).abs().max().item(),
+               "parity_max_abs_state": want.abs().max().item()}
+        # bf16 has no exact answer: both stacks' bf16 states against transformers' fp32 ones
+        for who, state in zip(("ours", "hf"), states["bf16"]):
+            out[f"parity_bf16_{who}_mean_abs_err"] = (state - want).abs().mean().item()
+            out[f"parity_bf16_{who}_max_abs_err"] = (state - want).abs().max().item()
+    elif name.startswith("encoder_"):
+        if name == "encoder_ours":
+            model = load_pretrained(ckpt / "encoder").to(device).train()
+            run = lambda ids, mask: model.encoder(ids, mask)
+        else:
+            from transformers import XLMRobertaModel
+            model = XLMRobertaModel.from_pretrained(ckpt / "encoder", attn_implementation="sdpa",
+                                                    add_pooling_layer=False).to(device).train()
+            run = lambda ids, mask: model(ids, attention_mask=mask).last_hidden_state
+        batch = make_batches(args, 1, device)[0]
+
+        def step():
+            model.zero_grad(set_to_none=True)  # as a training step does, so gradients never accumulate
+            with amp:
+                loss = run(batch["input_ids"], batch["attention_mask"]).float().square().mean()
+            loss.backward()
+        times, out["peak_mb"] = timed_steps(step, args, device)
+        out |= {"step_s": statistics.median(times), "times": times, "flops": 3 * forward_flops(batch, args.layers)}
+    else:  # meta_{ours,reference}_{1,2}
+        order = int(name[-1])
+        cfg = mp.PrimeConfig(inner_steps=1, first_order=order == 1, phi_start="meta")
+        step = (ours_meta_step if "_ours_" in name else reference_meta_step)(ckpt / "meta", cfg, device)
+        tasks = [tuple(make_batches(args, 2, device))]
+        norms = []  # the first is the warm-up step's: the same weights in both stacks, so it must agree
+        times, out["peak_mb"] = timed_steps(lambda: norms.append(float(step(tasks, amp))), args, device)
+        out |= {"step_s": statistics.median(times), "times": times, "grad_norm_first": norms[0],
+                # support: forward, backward (second order: both once more); query: forward, backward
+                "flops": forward_flops(tasks[0][0], args.layers) * (2 if order == 1 else 6)
+                + forward_flops(tasks[0][1], args.layers) * 3}
+    print(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- in the parent process
+
+def write_checkpoints(args, root):
+    """root/meta: a token-classification checkpoint with a trained-looking LoRA (B != 0, so both stacks must really
+    apply it), dropout 0; root/encoder: the same weights with dropout 0.1 (the weights file is a link)."""
+    torch.manual_seed(0)
+    cfg = Config(vocab_size=args.vocab, num_hidden_layers=args.layers, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)
+    model = Model(cfg, LABELS, PEFT)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.02)
+    model.save_pretrained(root / "meta")
+    (root / "encoder").mkdir()
+    config = json.loads((root / "meta" / "config.json").read_text())
+    config |= {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    (root / "encoder" / "config.json").write_text(json.dumps(config))
+    (root / "encoder" / "model.safetensors").symlink_to(root / "meta" / "model.safetensors")
+
+
+def run_variant(name, args, ckpt):
+    """The figures (a dict) of one variant, run in a fresh process."""
+    flags = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "batch", "seq", "steps", "threads", "device",
+                                                   "dtype")] + ["--no-padding"] * args.no_padding
+    proc = subprocess.run([sys.executable, __file__, *flags, f"--child={name}", f"--ckpt={ckpt}"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"bench variant {name} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{name}: {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def run_rounds(names, args, ckpt):
+    """{variant: [figures of each round]}: each variant once per round, order alternating between rounds."""
+    results = {n: [] for n in names}
+    for r in range(args.repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(run_variant(name, args, ckpt))
+    return results
+
+
+def median(results, name, key):
+    return statistics.median(r[key] for r in results[name])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"smaller sizes: {SIZES['quick']} (default: {SIZES['full']})")
+    for k in SIZES["full"]:
+        ap.add_argument(f"--{k}", type=int, help=f"override the {k} of the chosen size")
+    ap.add_argument("--no-padding", action="store_true", help="every row full length (default: a quarter padding)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs every variant once (default: 3)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per process after a warm-up (default: 3)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default: 1; on a CPU shared with other jobs, OpenMP threads stall)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: cpu)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (default: fp32)")
+    ap.add_argument("--sections", default="matmul,parity,encoder,meta",
+                    help="comma-separated subset of matmul,parity,encoder,meta (default: all)")
+    ap.add_argument("--out", help="also write the final JSON object to this file")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    for k, v in SIZES["quick" if args.quick else "full"].items():
+        setattr(args, k, getattr(args, k) or v)
+    if args.child:
+        return child(args)
+
+    sections = args.sections.split(",")
+    start, load = time.time(), os.getloadavg()[0]
+    padding = 1 - torch.cat([b["attention_mask"] for b in make_batches(args, 2, "cpu")]).float().mean().item()
+    report = {"size": {k: getattr(args, k) for k in SIZES["full"]} | {"tasks": 1, "hidden": 768, "heads": 12,
+                                                                      "padding_fraction": round(padding, 3)},
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else
+              f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch thread(s)",
+              "dtype": args.dtype, "torch": torch.__version__, "repeats": args.repeats, "steps": args.steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoints(args, Path(tmp))
+        if "parity" in sections:  # not timed: once
+            report |= run_variant("parity", args, tmp)
+            report["parity_fp32_ok"] = report["parity_fp32_max_abs_diff"] <= 1e-4
+            report["parity_bf16_ok"] = (report["parity_bf16_ours_mean_abs_err"]
+                                        <= BF16_TOLERANCE * report["parity_bf16_hf_mean_abs_err"])
+        names = (["matmul"] * ("matmul" in sections) + ["encoder_ours", "encoder_hf"] * ("encoder" in sections)
+                 + [f"meta_{who}_{o}" for o in (1, 2) for who in ("ours", "reference")] * ("meta" in sections))
+        results = run_rounds(names, args, tmp)
+    if "matmul" in sections:
+        report["matmul_flop_per_s"] = rate = median(results, "matmul", "flop_per_s")
+    for section, pairs in (("encoder", [("encoder", "encoder_ours", "encoder_hf")]),
+                           ("meta", [(f"metastep{o}", f"meta_ours_{o}", f"meta_reference_{o}") for o in (1, 2)])):
+        if section not in sections:
+            continue
+        for key, ours, ref in pairs:
+            t_ours, t_ref = median(results, ours, "step_s"), median(results, ref, "step_s")
+            m_ours, m_ref = median(results, ours, "peak_mb"), median(results, ref, "peak_mb")
+            flops = results[ours][0]["flops"]
+            report |= {f"{key}_ours_s": round(t_ours, 4), f"{key}_ref_s": round(t_ref, 4),
+                       f"{key}_ours_peak_mb": round(m_ours), f"{key}_ref_peak_mb": round(m_ref),
+                       f"{key}_ours_flop_per_s": flops / t_ours}
+            if section == "meta":
+                report[f"{key}_speedup_vs_ref"] = round(t_ref / t_ours, 3)
+                report[f"{key}_mem_ratio_vs_ref"] = round(m_ours / m_ref, 3)
+                a, b = results[ours][0]["grad_norm_first"], results[ref][0]["grad_norm_first"]
+                report[f"{key}_grad_norm_rel_diff"] = abs(a - b) / b  # the same gradient: ~1e-7 in fp32
+            else:
+                report["encoder_speedup_vs_hf"] = round(t_ref / t_ours, 3)
+            if "matmul" in sections:
+                report[f"{key}_matmul_fraction"] = round(flops / t_ours / rate, 3)
+    if "encoder_matmul_fraction" in report:
+        report["matmul_fraction"] = report["encoder_matmul_fraction"]
+    peak = next((p for gpu, p in PEAK_TFLOPS.items() if gpu in report["device"]), None)
+    if peak:
+        for key in ("encoder", "metastep1", "metastep2"):
+            if f"{key}_ours_flop_per_s" in report:
+                report[f"{key}_mfu"] = round(report[f"{key}_ours_flop_per_s"] / (peak[args.dtype == "fp32"] * 1e12), 4)
+    report |= {"load_average_start_end": [round(load, 2), round(os.getloadavg()[0], 2)],
+               "wall_s": round(time.time() - start)}
+    line = json.dumps(report)
+    if args.out:
+        Path(args.out).write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
