@@ -1019,7 +1019,7 @@ def parse_args(argv=None):
     a(g, "--seeds", type=int, default=3, help="seeds per method (seed, seed+1, ...)")
     a(g, "--per-world", action="store_true", default=False,
       help="testbed only: seed s runs on its own world, --testbed-seed s (built once each, before the cells)")
-    a(g, "--jobs", type=int, default=1, help="cells (and worlds) run in this many processes, logs in their folders")
+    a(g, "--jobs", type=int, default=1, help="cells (and worlds) run in this many processes, each with cores / N threads, logs in their folders; tables are bit-identical across N only at a fixed thread count (e.g. OMP_NUM_THREADS=1)")
     a(g, "--base", help="probe: the unprimed encoder --model was primed from; omitted: the testbed's pretrained one")
     a(g, "--probe-episodes", type=int, default=10, help="probe: held-out meta-batches per language for the priming loss")
     a(g, "--preset", choices=sorted(PRESETS), help="named settings that override the step and seed counts")
