@@ -806,6 +806,7 @@ def experiment(args, out, model_dir, data_dir):
     # finished cells are kept: a killed experiment resumes cell by cell
     todo = [(out / f"seed{s}" / m / "log.txt", cell, args, out / f"seed{s}" / m, *inputs[s], m, s)
             for s in seeds for m in methods if not (out / f"seed{s}" / m / "results.json").exists()]
+    todo.sort(key=lambda call: call[-2] == "none")  # the short cells last: no process idles while one primes
     for n, (call, result) in enumerate(run_jobs(args.jobs, todo), 1):
         log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
             f"{100 * result['target_avg_f1']:.1f}")
