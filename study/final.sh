@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # Stage 2 of the pre-registered study: none and each method's selected configuration (study/select.py on the
-# grid of study/grid.sh) on worlds 1-10, never used in calibration or tuning; one experiment folder in which each
-# cell keeps its own config.json.
+# grid of study/grid.sh) on worlds 1-10, never used in calibration or tuning; one experiment folder in which
+# each cell keeps its own config.json.
 #   study/final.sh none            builds worlds 1-10 and runs their `none` cells
 #   study/final.sh METHOD [FLAGS]  the method's cells, each as soon as its world's `none` cell is done
 #   study/final.sh table           the table from the finished cells: runs/study/final/experiment.md
+# FIRST=11 (N=10) runs the same on worlds 11-20 instead: the replication; FIRST=1 N=20 table pools both.
 # Cell by cell (--seed s --seeds 1) so that several methods can run side by side as worlds become ready; the same
 # computation as one --seeds 10 call (cells are independent; --jobs 2 is bit-identical to --jobs 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
+FIRST=${FIRST:-1} N=${N:-10}
 COMMON="--stage experiment --per-world --testbed runs/study/testbed --prime-steps 60 --out runs/study/final"
 if [ "$1" = table ]; then
-    exec $PY train.py $COMMON --seed 1 --seeds 10 --methods none,multitask,maml,prime
+    exec $PY train.py $COMMON --seed $FIRST --seeds $N --methods none,multitask,maml,prime
 fi
 method=$1; shift
-for s in $(seq 1 10); do
+for s in $(seq $FIRST $((FIRST + N - 1))); do
     until [ "$method" = none ] || [ -f runs/study/final/seed$s/none/results.json ]; do sleep 10; done
     $PY train.py $COMMON --seed $s --seeds 1 --methods $method "$@" > runs/study/final-$method-$s.log 2>&1
 done
