@@ -12,35 +12,16 @@ COMMON="--stage experiment --per-world --seed 0 --seeds 1 --testbed runs/study/t
 ADAM="--inner-opt adam --inner-steps 5 --first-order"  # 5 AdamW steps at the downstream lr (--finetune-lr)
 # 20 AdamW steps, each on a new support batch of 8 sentences (160 per task), as real fine-tuning sees new batches
 ADAM20="--inner-opt adam --inner-steps 20 --support-batches 20 --first-order"
+# one cell a line, its name then its flags: prime and maml with each inner loop (name:flags) at each outer lr,
+# multitask at each of its outer lrs
 if [ "${1:-v1}" = v2 ]; then
-    dir=runs/study/grid2
-    grid="prime-adam5-1e-3 --methods prime --prime-lr 1e-3 $ADAM
-prime-adam5-3e-3 --methods prime --prime-lr 3e-3 $ADAM
-prime-adam20-1e-3 --methods prime --prime-lr 1e-3 $ADAM20
-prime-adam20-3e-3 --methods prime --prime-lr 3e-3 $ADAM20
-maml-adam5-1e-3 --methods maml --prime-lr 1e-3 $ADAM
-maml-adam5-3e-3 --methods maml --prime-lr 3e-3 $ADAM
-maml-adam20-1e-3 --methods maml --prime-lr 1e-3 $ADAM20
-maml-adam20-3e-3 --methods maml --prime-lr 3e-3 $ADAM20
-multitask-3e-4 --methods multitask --prime-lr 3e-4
-multitask-1e-3 --methods multitask --prime-lr 1e-3
-multitask-3e-3 --methods multitask --prime-lr 3e-3
-multitask-1e-2 --methods multitask --prime-lr 1e-2"
+    dir=runs/study/grid2 inner=("adam5:$ADAM" "adam20:$ADAM20") lrs="1e-3 3e-3" multitask_lrs="3e-4 1e-3 3e-3 1e-2"
 else
-    dir=runs/study/grid
-    grid="prime-sgd-1e-4 --methods prime --prime-lr 1e-4
-prime-sgd-3e-4 --methods prime --prime-lr 3e-4
-prime-adam-1e-4 --methods prime --prime-lr 1e-4 $ADAM
-prime-adam-3e-4 --methods prime --prime-lr 3e-4 $ADAM
-maml-sgd-1e-4 --methods maml --prime-lr 1e-4
-maml-sgd-3e-4 --methods maml --prime-lr 3e-4
-maml-adam-1e-4 --methods maml --prime-lr 1e-4 $ADAM
-maml-adam-3e-4 --methods maml --prime-lr 3e-4 $ADAM
-multitask-3e-5 --methods multitask --prime-lr 3e-5
-multitask-1e-4 --methods multitask --prime-lr 1e-4
-multitask-3e-4 --methods multitask --prime-lr 3e-4
-multitask-1e-3 --methods multitask --prime-lr 1e-3"
+    dir=runs/study/grid inner=("sgd:" "adam:$ADAM") lrs="1e-4 3e-4" multitask_lrs="3e-5 1e-4 3e-4 1e-3"
 fi
+grid=$(for m in prime maml; do for i in "${inner[@]}"; do for lr in $lrs; do
+           echo "$m-${i%%:*}-$lr --methods $m --prime-lr $lr ${i#*:}"; done; done; done
+       for lr in $multitask_lrs; do echo "multitask-$lr --methods multitask --prime-lr $lr"; done)
 mkdir -p $dir
 [ -f runs/study/grid/none/experiment.json ] ||  # builds world 0; the `none` cell of both grids
     $PY train.py $COMMON --methods none --out runs/study/grid/none > runs/study/grid/none.log 2>&1
