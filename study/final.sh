@@ -5,7 +5,8 @@
 #   study/final.sh none            builds worlds 1-10 and runs their `none` cells
 #   study/final.sh METHOD [FLAGS]  the method's cells, each as soon as its world's `none` cell is done
 #   study/final.sh table           the table from the finished cells: runs/study/final/experiment.md
-# FIRST=11 (N=10) runs the same on worlds 11-20 instead: the replication; FIRST=1 N=20 table pools both.
+# FIRST=11 (N=10) runs the same on worlds 11-20 instead: the replication; FIRST=1 N=20 table pools both. P=2: two
+# worlds at a time.
 # Cell by cell (--seed s --seeds 1) so that several methods can run side by side as worlds become ready; the same
 # computation as one --seeds 10 call (cells are independent; --jobs 2 is bit-identical to --jobs 1).
 set -euo pipefail
@@ -18,7 +19,8 @@ if [ "$1" = table ]; then
     exec $PY train.py $COMMON --seed $FIRST --seeds $N --methods none,multitask,maml,prime
 fi
 method=$1; shift
-for s in $(seq $FIRST $((FIRST + N - 1))); do
-    until [ "$method" = none ] || [ -f runs/study/final/seed$s/none/results.json ]; do sleep 10; done
-    $PY train.py $COMMON --seed $s --seeds 1 --methods $method "$@" > runs/study/final-$method-$s.log 2>&1
-done
+export PY COMMON method
+# P worlds at a time (default 1), each cell as soon as its world's `none` cell is done
+seq $FIRST $((FIRST + N - 1)) | xargs -P "${P:-1}" -I S bash -c '
+    until [ "$method" = none ] || [ -f runs/study/final/seedS/none/results.json ]; do sleep 10; done
+    $PY train.py $COMMON --seed S --seeds 1 --methods $method "$@" > runs/study/final-$method-S.log 2>&1' _ "$@"
