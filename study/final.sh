@@ -21,6 +21,6 @@ fi
 method=$1; shift
 export PY COMMON method
 # P worlds at a time (default 1), each cell as soon as its world's `none` cell is done
-seq $FIRST $((FIRST + N - 1)) | xargs -P "${P:-1}" -I S bash -c '
-    until [ "$method" = none ] || [ -f runs/study/final/seedS/none/results.json ]; do sleep 10; done
-    $PY train.py $COMMON --seed S --seeds 1 --methods $method "$@" > runs/study/final-$method-S.log 2>&1' _ "$@"
+seq $FIRST $((FIRST + N - 1)) | xargs -P "${P:-1}" -I {} bash -c '
+    until [ "$method" = none ] || [ -f runs/study/final/seed{}/none/results.json ]; do sleep 10; done
+    $PY train.py $COMMON --seed {} --seeds 1 --methods $method "$@" > runs/study/final-$method-{}.log 2>&1' _ "$@"
