@@ -1514,7 +1514,12 @@ def test_train_experiment_jobs_2_gives_the_same_table_as_jobs_1(tiny_testbed, tm
     model, world = tiny_testbed
     argv = ["--stage", "experiment", "--model", model, "--data", world, "--seeds", 2, "--methods", "none,multitask",
             "--prime-steps", 2, "--finetune-steps", 3, "--eval-every", 1, *TINY_RUN]
-    assert run_cli(*argv, "--out", tmp_path / "j1", "--jobs", 1) == 0
+    torch.set_num_threads(2)  # what a process has by default on 2 cores: a --jobs 1 cell must not run at it
+    try:
+        assert run_cli(*argv, "--out", tmp_path / "j1", "--jobs", 1) == 0
+        assert torch.get_num_threads() == 1  # --threads 0: one per cell
+    finally:
+        torch.set_num_threads(1)
     assert run_cli(*argv, "--out", tmp_path / "j2", "--jobs", 2) == 0
     assert (tmp_path / "j1" / "experiment.md").read_bytes() == (tmp_path / "j2" / "experiment.md").read_bytes()
     assert (tmp_path / "j1" / "experiment.json").read_bytes() == (tmp_path / "j2" / "experiment.json").read_bytes()

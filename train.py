@@ -755,14 +755,15 @@ def logged(path, fn, *fn_args):
         return fn(*fn_args)
 
 
-def run_jobs(jobs, calls):
-    """Each call (log_file, fn, *fn_args) as fn(*fn_args): here when jobs is 1, else in `jobs` spawned processes
-    with an equal share of the CPU threads and their output in log_file. Yields (call, result) as each ends."""
-    if jobs == 1:
+def run_jobs(jobs, threads, calls):
+    """Each call (log_file, fn, *fn_args) as fn(*fn_args) at `threads` CPU threads: here when jobs is 1, else in
+    `jobs` spawned processes with their output in log_file. Yields (call, result) as each ends."""
+    if jobs == 1 or len(calls) < 2:
+        torch.set_num_threads(threads)
         yield from ((call, call[1](*call[2:])) for call in calls)
         return
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                               initargs=(max(1, os.cpu_count() // jobs),))
+                               initargs=(threads,))
     try:
         futures = {pool.submit(logged, *call): call for call in calls}
         for future in as_completed(futures):
@@ -798,16 +799,20 @@ def experiment(args, out, model_dir, data_dir):
     interval and wins; experiment.json: that, per language, and the per-seed scores."""
     methods = args.methods.split(",")
     seeds = list(range(args.seed, args.seed + args.seeds))
+    # Every cell (and world) runs at the same thread count whatever --jobs is, so the table is too (a thread count
+    # changes how float sums are split). 1 thread: the testbed's tiny models gain little from more.
+    threads = args.threads or 1
+    jobs = args.jobs or (max(1, os.cpu_count() // threads) if device_of(args).type == "cpu" else 1)
     inputs = dict.fromkeys(seeds, (model_dir, data_dir))
     if args.per_world:
         worlds = [(Path(f"{args.testbed}-{s}") / "log.txt", testbed, args, s) for s in seeds]
-        inputs = {call[-1]: dirs for call, dirs in run_jobs(args.jobs, worlds)}
+        inputs = {call[-1]: dirs for call, dirs in run_jobs(jobs, threads, worlds)}
     source, _, evals = languages(args, inputs[seeds[0]][1])
     # finished cells are kept: a killed experiment resumes cell by cell
     todo = [(out / f"seed{s}" / m / "log.txt", cell, args, out / f"seed{s}" / m, *inputs[s], m, s)
             for s in seeds for m in methods if not (out / f"seed{s}" / m / "results.json").exists()]
     todo.sort(key=lambda call: call[-2] == "none")  # the short cells last: no process idles while one primes
-    for n, (call, result) in enumerate(run_jobs(args.jobs, todo), 1):
+    for n, (call, result) in enumerate(run_jobs(jobs, threads, todo), 1):
         log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
             f"{100 * result['target_avg_f1']:.1f}")
     cols = [source] + evals + ["avg", "select"]
@@ -872,7 +877,8 @@ RANGES = {
     "micro_batch": AT_LEAST_0, "eval_every": AT_LEAST_0, "eval_batch_size": AT_LEAST_1,
     "weight_decay": FINITE_AT_LEAST_0, "clip": FINITE_AT_LEAST_0, "pretrain_steps": AT_LEAST_0, "pretrain_lr": RATE,
     "tiny_hidden": (lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (heads = width / 32)"),
-    "tiny_layers": AT_LEAST_1, "seeds": AT_LEAST_1, "jobs": AT_LEAST_1, "probe_episodes": AT_LEAST_1,
+    "tiny_layers": AT_LEAST_1, "seeds": AT_LEAST_1, "jobs": AT_LEAST_0, "threads": AT_LEAST_0,
+    "probe_episodes": AT_LEAST_1,
 }
 
 
@@ -935,6 +941,7 @@ def parse_args(argv=None):
     a(g, "--resume", action="store_true", default=False, help="continue the killed run in --out from its last checkpoint")
     a(g, "--seed", type=int, default=0, help="seed for initialisation, dropout, batches and episodes")
     a(g, "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    a(g, "--threads", type=int, default=0, help="CPU threads per process; 0: all cores, but 1 per experiment cell")
     a(g, "--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast precision on CUDA (CPU: always fp32)")
     a(g, "--ckpt-every", type=int, default=100, help="steps between checkpoints")
     a(g, "--skip-nonfinite", type=int, default=0, help="steps with a non-finite loss or gradient norm to skip (not "
@@ -1020,7 +1027,7 @@ def parse_args(argv=None):
     a(g, "--seeds", type=int, default=3, help="seeds per method (seed, seed+1, ...)")
     a(g, "--per-world", action="store_true", default=False,
       help="testbed only: seed s runs on its own world, --testbed-seed s (built once each, before the cells)")
-    a(g, "--jobs", type=int, default=1, help="cells (and worlds) run in this many processes, each with cores / N threads, logs in their folders; tables are bit-identical across N only at a fixed thread count (e.g. OMP_NUM_THREADS=1)")
+    a(g, "--jobs", type=int, default=0, help="cells (and worlds) run in this many processes, logs in their folders; 0: cores / --threads on a CPU, 1 on a GPU; the table is the same bit for bit for every N")
     a(g, "--base", help="probe: the unprimed encoder --model was primed from; omitted: the testbed's pretrained one")
     a(g, "--probe-episodes", type=int, default=10, help="probe: held-out meta-batches per language for the priming loss")
     a(g, "--preset", choices=sorted(PRESETS), help="named settings that override the step and seed counts")
@@ -1035,6 +1042,8 @@ def main(argv=None):
     out = None
     try:
         args = parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         dist_setup(args)
         rank = rank_world()[0]
         if rank:  # rank 0 makes the testbed, if needed, before the others read it
