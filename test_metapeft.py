@@ -1057,7 +1057,8 @@ def test_bench_meta_steps_agree_with_the_reference(tmp_path, capsys):
 import train  # noqa: E402
 
 TINY_RUN = ["--tiny-hidden", "32", "--tiny-layers", "1", "--max-len", "48", "--batch-size", "8", "--tasks", "2",
-            "--support-size", "4", "--query-size", "4", "--ckpt-every", "2", "--eval-batch-size", "16"]
+            "--support-size", "4", "--query-size", "4", "--ckpt-every", "2", "--eval-batch-size", "16",
+            "--jobs", "1"]  # experiment in this process: spawned cells would not see the tests' monkeypatches
 
 
 @pytest.fixture(scope="module")
