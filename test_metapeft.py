@@ -1549,6 +1549,9 @@ def test_train_probe_stage_on_a_tiny_world(tiny_testbed, tmp_path):
     common = ["--data", world, *TINY_RUN, "--probe-episodes", 2]
     assert run_cli("--stage", "prime", "--model", model, "--out", tmp_path / "p", "--prime-steps", 2, *common) == 0
     primed = tmp_path / "p" / "model"
+    # the probe's episodes are priming's: a new support batch per inner step (--support-batches) works there too
+    assert run_cli("--stage", "probe", "--model", primed, "--base", model, "--out", tmp_path / "probe-batches",
+                   "--finetune-steps", 25, "--inner-steps", 5, "--support-batches", 5, *common) == 0  # > --support-size
     assert run_cli("--stage", "probe", "--model", primed, "--base", model, "--out", tmp_path / "probe",
                    "--finetune-steps", 50, *common) == 0
     r = json.loads((tmp_path / "probe" / "probe.json").read_text())

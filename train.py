@@ -504,6 +504,14 @@ def load_examples(data_dir, split, langs, tok, labels, max_len):
     return labels, sents, {lang: data.encode(s, tok, label2id, max_len) for lang, s in sents.items()}
 
 
+def episode_config(args, source, query_langs, pairing):
+    """Priming episodes as the flags give them: each task's support holds --support-batches batches of
+    --support-size source sentences (one per inner step), its query --query-size sentences."""
+    return data.EpisodeConfig(source_langs=(source,), query_langs=tuple(query_langs),
+                              support_size=args.support_size * args.support_batches, query_size=args.query_size,
+                              tasks_per_step=args.tasks, pairing=pairing)
+
+
 def prime(args, out, model_dir, data_dir, mode, seed):
     """Priming (or an ablation): saves the primed encoder (+ meta-learned phi) to out/model."""
     source, prime_langs, _ = languages(args, data_dir)
@@ -519,9 +527,7 @@ def prime(args, out, model_dir, data_dir, mode, seed):
         params = metapeft.outer_params(model, cfg, inner_lrs)
         opt = metapeft.make_optimizer(params, cfg.lr, cfg.weight_decay)
         sched = metapeft.make_scheduler(opt, cfg.warmup, args.prime_steps)
-        episodes = data.EpisodeConfig(source_langs=(source,), query_langs=tuple(prime_langs),
-                                      support_size=args.support_size * args.support_batches, query_size=args.query_size,
-                                      tasks_per_step=args.tasks, pairing=args.pairing)
+        episodes = episode_config(args, source, prime_langs, args.pairing)
         pad = tok.token_to_id("<pad>")
 
         def step_fn(step):
@@ -704,7 +710,7 @@ def probe(args, out, model_dir, data_dir):
         seed_everything(args.seed)  # the same fresh phi and dropout for both encoders
         loss[name] = {}
         for lang in prime_langs + evals:
-            episodes = data.EpisodeConfig((source,), (lang,), args.support_size, args.query_size, args.tasks, "cross")
+            episodes = episode_config(args, source, [lang], "cross")
             with autocast(args, device):
                 loss[name][lang] = statistics.mean(
                     metapeft.meta_loss(model, [(to_device(s, device), to_device(q, device)) for s, q in
