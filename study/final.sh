@@ -6,21 +6,21 @@
 #   study/final.sh METHOD [FLAGS]  the method's cells, each as soon as its world's `none` cell is done
 #   study/final.sh table           the table from the finished cells: runs/study/final/experiment.md
 # FIRST=11 (N=10) runs the same on worlds 11-20 instead: the replication; FIRST=1 N=20 table pools both. P=2: two
-# worlds at a time.
+# worlds at a time. TESTBED= and OUT= put the worlds and cells elsewhere (default runs/study/testbed, runs/study/final).
 # Cell by cell (--seed s --seeds 1) so that several methods can run side by side as worlds become ready; the same
 # computation as one --seeds 10 call (cells are independent; --jobs 2 is bit-identical to --jobs 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
-FIRST=${FIRST:-1} N=${N:-10}
-COMMON="--stage experiment --per-world --testbed runs/study/testbed --prime-steps 60 --out runs/study/final"
+FIRST=${FIRST:-1} N=${N:-10} TESTBED=${TESTBED:-runs/study/testbed} OUT=${OUT:-runs/study/final}
+COMMON="--stage experiment --per-world --testbed $TESTBED --prime-steps 60 --out $OUT"
 if [ "$1" = table ]; then
     exec $PY train.py $COMMON --seed $FIRST --seeds $N --methods none,multitask,maml,prime
 fi
 method=$1; shift
-export PY COMMON method
+export PY COMMON OUT method
 # P worlds at a time (default 1), each cell as soon as its world's `none` cell is done
 seq $FIRST $((FIRST + N - 1)) | xargs -P "${P:-1}" -I {} bash -c '
-    until [ "$method" = none ] || [ -f runs/study/final/seed{}/none/results.json ]; do sleep 10; done
-    $PY train.py $COMMON --seed {} --seeds 1 --methods $method "$@" > runs/study/final-$method-{}.log 2>&1' _ "$@"
+    until [ "$method" = none ] || [ -f $OUT/seed{}/none/results.json ]; do sleep 10; done
+    $PY train.py $COMMON --seed {} --seeds 1 --methods $method "$@" > $OUT-$method-{}.log 2>&1' _ "$@"
