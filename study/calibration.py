@@ -12,11 +12,11 @@ ap.add_argument("cells")
 ap.add_argument("--random", help="study/random.sh's OUT: <this>-<seed>/seed<seed>/none/results.json")
 ap.add_argument("seeds", type=int, nargs="+")
 args = ap.parse_args()
-f1 = lambda file: json.loads(file.read_text()) if file.exists() else None
+results = lambda file: json.loads(file.read_text()) if file.exists() else None
 rows, avgs, held = [], [], []
 for s in args.seeds:
-    r = f1(Path(args.cells) / f"seed{s}" / "none" / "results.json")
-    rnd = f1(Path(f"{args.random}-{s}") / f"seed{s}" / "none" / "results.json") if args.random else None
+    r = results(Path(args.cells) / f"seed{s}" / "none" / "results.json")
+    rnd = results(Path(f"{args.random}-{s}") / f"seed{s}" / "none" / "results.json") if args.random else None
     langs = [l for l in r["f1"] if l != r["source"]]
     for who, res in (("pretrained", r), ("random", rnd)):
         if res is None:
