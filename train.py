@@ -68,10 +68,10 @@ class Progress:
         seconds = max(time.time() - self.t0, 1e-9)
         self.tokens += metrics.get("tokens", 0)
         rate = (step - self.start) / seconds
-        eta = (self.total - step) / rate if rate else 0
+        eta = round((self.total - step) / rate) if rate else 0  # whole seconds first: 179.6 s is 3m00s, not 2m60s
         items = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         line = (f"{self.name} {step}/{self.total} {items} | {self.tokens / seconds:.0f} tok/s "
-                f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s")
+                f"ETA {eta // 60}m{eta % 60:02d}s")
         if self.tty:
             print(f"\r{line[:shutil.get_terminal_size().columns - 1]}\033[K", end="\n" if last or step == self.total else "",
                   file=sys.stderr, flush=True)
