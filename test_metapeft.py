@@ -1388,6 +1388,12 @@ def test_train_bad_checkpoints_are_one_line(tiny_testbed, tmp_path, capsys):
     argv.append("--resume")
     ckpt = tmp_path / "run" / "checkpoint-prime-prime.safetensors"
     fails_cleanly(capsys, [*argv, "--out", tmp_path / "run", "--lora-r", 4], "--resume: flags differ from the run in")
+    # a run from before --patience existed: the flag at its default is no difference (the checks below reach the
+    # checkpoint), at another value it is one
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "patience"}))
+    fails_cleanly(capsys, [*argv, "--out", tmp_path / "run", "--patience", 3], "--resume: flags differ from the run in "
+                  f"{tmp_path / 'run'}: patience")
     shutil.copyfile(tmp_path / "other" / ckpt.name, ckpt)
     fails_cleanly(capsys, [*argv, "--out", tmp_path / "run"], f"{ckpt}: not a checkpoint of this run (")
     save_file({"x": torch.zeros(1)}, ckpt)

@@ -89,9 +89,11 @@ def start_run(args, stage):
     if args.resume:
         if not (out / "config.json").exists():
             raise UsageError(f"--resume: {out}/config.json not found (give --out the folder of the run to resume)")
-        old = read_json(out / "config.json")
-        # --skip-nonfinite may change: it only decides what a non-finite step does, e.g. one that stopped this run
-        diff = sorted(k for k in config.keys() | old.keys() if config.get(k) != old.get(k) and k != "skip_nonfinite")
+        old, defaults = read_json(out / "config.json"), vars(parse_args([]))
+        # --skip-nonfinite may change: it only decides what a non-finite step does, e.g. one that stopped this run;
+        # a flag added since the run was started is no difference at its default (which keeps the old behaviour)
+        diff = sorted(k for k in config.keys() | old.keys() if config.get(k) != old.get(k) and k != "skip_nonfinite"
+                      and not (k not in old and config[k] == defaults.get(k)))
         if diff:
             raise UsageError(f"--resume: flags differ from the run in {out}: {', '.join(diff)}")
     out.mkdir(parents=True, exist_ok=True)
