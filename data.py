@@ -49,8 +49,9 @@ def _set_lang(found, lang, where):
 def _read_columns(path, lines, lang):
     """PAN-X (`lang:token<TAB>TAG`) or CoNLL (`token ... TAG`) lines -> (sentences, lang)."""
     first = next((l for l in lines if l.strip() and not l.startswith("-DOCSTART-")), "")
-    # PAN-X is told apart from CoNLL by its language prefix on the first token.
-    panx = re.match(r"[a-z][a-z-]*:[^\t]*\t", first) is not None
+    # PAN-X is told apart from CoNLL by its language prefix on the first token (tab-separated, or spaces as a copy
+    # through an editor may leave them: read alike, not as CoNLL tokens with the prefix kept)
+    panx = re.match(r"[a-z][a-z-]*:\S*[\t ]", first) is not None
     sents, words, tags = [], [], []
     for n, line in enumerate(lines + [""], start=1):
         line, where = line.rstrip(), f"{path}:{n}"
@@ -59,7 +60,7 @@ def _read_columns(path, lines, lang):
                 sents.append((words, tags))
                 words, tags = [], []
             continue
-        cols = line.split("\t") if panx else line.split()
+        cols = line.split("\t") if panx and "\t" in line else line.split()
         if len(cols) < 2:
             raise DataError(f"{where}: expected a token and a tag column, got {line!r}")
         word, tag = cols[0], cols[-1]
@@ -85,7 +86,13 @@ def _read_jsonl(path, lines, lang, label_names):
             rec = json.loads(line)
             words, raw = rec["tokens"], rec["ner_tags"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{where}: expected a JSON object with 'tokens' and 'ner_tags' ({e})") from None
+            raise DataError(f"{where}: expected a JSON object with 'tokens' and 'ner_tags' on each line ({e})") from None
+        langs = rec.get("langs", [])
+        for key, v, item in (("tokens", words, (str,)), ("ner_tags", raw, (str, int)), ("langs", langs, (str,))):
+            if type(v) is not list or any(type(x) not in item for x in v):  # type(): a bool is no tag id
+                raise DataError(f"{where}: '{key}' must be a list of {' or '.join(t.__name__ for t in item)}")
+        if not isinstance(rec.get("lang", ""), str):
+            raise DataError(f"{where}: 'lang' must be a string")
         if len(words) != len(raw):
             raise DataError(f"{where}: {len(words)} tokens but {len(raw)} ner_tags")
         names = label_names or rec.get("labels") or rec.get("label_names") or WIKIANN_LABELS
@@ -95,9 +102,10 @@ def _read_jsonl(path, lines, lang, label_names):
                 raise DataError(f"{where}: tag id {t} outside the label list {names}")
             tags.append(names[t] if isinstance(t, int) else t)
             _check_tag(tags[-1], where)
-        for found in set(rec.get("langs") or [rec.get("lang")]) - {None}:
+        for found in set(langs or [rec.get("lang")]) - {None}:
             lang = _set_lang(found, lang, where)
-        sents.append((list(words), tags))
+        if words:  # a record without tokens is no sentence (as a blank line in the column formats)
+            sents.append((words, tags))
     return sents, lang
 
 
@@ -123,7 +131,7 @@ def read_text(path) -> str:
     (and the line)."""
     try:
         raw = Path(path).read_bytes()
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (Windows editors) is no text
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
@@ -165,10 +173,11 @@ def label_list(sentences) -> list[str]:
 def check_labels(sentences, labels, where):
     """Raise DataError if a tag in `sentences` is not among `labels` (e.g. the model's)."""
     known = set(labels)
-    for i, s in enumerate(sentences):
+    for i, s in enumerate(sentences, start=1):
         for tag in s.tags:
             if tag not in known:
-                raise DataError(f"{where}: sentence {i}: label {tag!r} is not one of the model's labels {list(labels)}")
+                raise DataError(f"{where}: sentence {i}: label {tag!r} is not one of the labels {list(labels)} (the "
+                                f"model's, or those of the source's training data)")
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -45,17 +45,37 @@ class Config:
     def from_json(cls, path):
         """Read the fields we know from a Hugging Face config.json; other keys are ignored."""
         d = read_json(path)
+        missing = [k for k in ARCHITECTURE_KEYS if k not in d]  # else a default's shape error would name a tensor
+        if missing:
+            raise CheckpointError(f"{path}: missing {', '.join(missing)} (in every XLM-R config.json)")
         cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
         for f in fields(cls):  # a wrong type or size would only fail later, deep inside the model's construction
-            v, low = getattr(cfg, f.name), int(f.name != "pad_token_id")
-            want = f"an integer >= {low}" if f.type is int else "a number" if f.type is float else None
-            if want and not (type(v) is int and v >= low if f.type is int else type(v) in (int, float)):
+            v = getattr(cfg, f.name)
+            number = type(v) in (int, float) and math.isfinite(v)
+            if f.type is int:
+                low = int(f.name != "pad_token_id")
+                want, ok = f"an integer >= {low}", type(v) is int and v >= low
+            elif "dropout" in f.name:  # classifier_dropout may be null (hidden_dropout_prob is used then)
+                want, ok = "a probability (0 to 1)", (v is None and f.type is not float) or (number and 0 <= v <= 1)
+            elif f.type is float:
+                want, ok = "a number > 0", number and v > 0
+            else:
+                continue
+            if not ok:
                 raise CheckpointError(f"{path}: {f.name} must be {want}, got {v!r}")
         if cfg.hidden_act != "gelu":  # XLM-R uses exact (erf) GELU; we implement no other
             raise CheckpointError(f"{path}: hidden_act must be 'gelu', got {cfg.hidden_act!r}")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError(f"{path}: position_embedding_type must be 'absolute' (XLM-R's), got "
+                                  f"{d['position_embedding_type']!r}")
         if cfg.hidden_size % cfg.num_attention_heads:
             raise CheckpointError(f"{path}: hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads")
+        if cfg.pad_token_id >= cfg.vocab_size:
+            raise CheckpointError(f"{path}: pad_token_id {cfg.pad_token_id} is not below vocab_size {cfg.vocab_size}")
         return cfg
+
+
+ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 @dataclass
@@ -74,7 +94,7 @@ class PeftConfig:
         if self.method not in ("lora", "houlsby", "pfeiffer"):
             raise ValueError(f"PEFT method must be lora, houlsby or pfeiffer, got {self.method!r}")
         if set(self.lora_targets) - set(LORA_TARGETS) or not self.lora_targets:
-            raise ValueError(f"LoRA targets must be among {' '.join(LORA_TARGETS)}, got {self.lora_targets}")
+            raise ValueError(f"lora_targets must be among {' '.join(LORA_TARGETS)}, got {self.lora_targets}")
         if self.adapter_act not in ACTS:
             raise ValueError(f"adapter_act must be one of {sorted(ACTS)}, got {self.adapter_act!r}")
 
@@ -449,7 +469,7 @@ def load_pretrained(path, labels=None, num_labels=None, peft=None, mlm=False):
         with open_safetensors(file) as f, torch.no_grad():
             for k, (in_file, key, _) in index.items():
                 if in_file == file:
-                    want[k].copy_(f.get_tensor(key))
+                    _copy_finite(want[k], f, file, key)
     return model
 
 
@@ -459,6 +479,15 @@ def _float_slice(f, file, key):
     if t.get_dtype() not in FLOAT_DTYPES:
         raise CheckpointError(f"{file}: tensor {key} is {t.get_dtype()}, expected one of {', '.join(FLOAT_DTYPES)}")
     return t
+
+
+def _copy_finite(dst, f, file, key):
+    """dst.copy_(tensor `key` of the open safetensors file f); a NaN or inf in it is an error naming it (loaded, it
+    would only show later, as a NaN loss or an F1 of 0)."""
+    t = f.get_tensor(key)
+    if not t.isfinite().all():
+        raise CheckpointError(f"{file}: tensor {key} has non-finite values (NaN or inf)")
+    dst.copy_(t)
 
 
 def _check_tensors(path, missing, unexpected, wrong):
@@ -510,7 +539,7 @@ def load_peft(model, path):
             raise CheckpointError(f"{file}: wrongly shaped tensor(s): {', '.join(wrong[:10])}")
         with torch.no_grad():
             for k in f.keys():
-                want[k].copy_(f.get_tensor(k))
+                _copy_finite(want[k], f, file, k)
     return model
 
 
@@ -571,9 +600,16 @@ def load_lora_adapter(model, path):
         modules = {m[1] for k in shapes if (m := LORA_KEY.fullmatch(k))}
         if modules - set(inverse):
             raise CheckpointError(f"{path}: LoRA on {sorted(modules - set(inverse))}, which this model does not have")
+        targets = cfg.get("target_modules")
+        # peft loads only what its target_modules name (a regex for the whole module name, or names it ends in)
+        named = lambda m: re.fullmatch(targets, f"roberta.encoder.layer.0.{m}") if isinstance(targets, str) else \
+            any(f"layer.0.{m}".endswith("." + t) for t in targets)
+        if targets is not None and not all(named(m) for m in modules):
+            raise CheckpointError(f"{path}: LoRA tensors on {sorted(m for m in modules if not named(m))}, which "
+                                  f"target_modules {targets!r} does not name")
         saved = {"lora_r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "lora_dropout": cfg.get("lora_dropout"),
                  "lora_targets": tuple(t for t in LORA_TARGETS if LAYER_NAMES[t] in modules)}
-        diff = [f"{k} {v} (the model's: {getattr(model.peft, k)})"
+        diff = [f"{k} {v!r} (the model's: {getattr(model.peft, k)!r})"
                 for k, v in saved.items() if v != getattr(model.peft, k)]
         if diff:
             raise CheckpointError(f"{path}: LoRA config differs: {', '.join(diff)}")
@@ -582,5 +618,5 @@ def load_lora_adapter(model, path):
                         if k in want and s != tuple(want[k].shape)])
         with torch.no_grad():
             for k, p in want.items():
-                p.copy_(f.get_tensor(k))
+                _copy_finite(p, f, path / ADAPTER_FILE, k)
     return model

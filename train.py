@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -171,9 +172,9 @@ def logged_by_then(line, name, start):
     """Whether a metrics.jsonl line was logged before step `start` of stage `name` (or by another stage)."""
     try:
         m = json.loads(line)
-    except json.JSONDecodeError:  # cut by a kill
+        return m["stage"] != name or m["step"] <= start
+    except (json.JSONDecodeError, KeyError, TypeError):  # cut by a kill, or not ours
         return False
-    return m["stage"] != name or m["step"] <= start
 
 
 def save_checkpoint(path, state, extra, step, stop, skipped):
@@ -208,7 +209,7 @@ def load_checkpoint(path, state, extra):
         random.setstate(saved["rng"]["python"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        return saved["step"], saved["stop"], saved["skipped"]
+        return int(saved["step"]), bool(saved["stop"]), int(saved["skipped"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # not a train.py checkpoint, or another run's
         raise CheckpointError(f"{path}: not a checkpoint of this run ({' '.join(str(e).split())[:300]})") from None
 
@@ -366,6 +367,9 @@ def languages(args, data_dir):
     for lang in prime + evals:
         if lang not in have + targets:
             raise UsageError(f"unknown language {lang!r}: {data_dir} has {sorted(set(have + targets))}")
+    for flag, langs in (("--prime-langs", prime), ("--eval-langs", evals)):
+        if args.source in langs:  # priming's queries and the target average are the languages other than the source
+            raise UsageError(f"{flag} {','.join(langs)}: {args.source} is the source language, expected others")
     if set(prime) & set(evals) and args.stage in ("prime", "experiment"):
         log(f"warning: priming languages {sorted(set(prime) & set(evals))} are also evaluated on: "
             f"their labelled data is seen during priming, so that evaluation is not zero-shot")
@@ -410,6 +414,9 @@ def load_model(model_dir, tok, args, **kw):
     if n_tokens > cfg.vocab_size:
         raise CheckpointError(f"{model_dir / 'tokenizer.json'}: token ids up to {n_tokens - 1}, but the model's "
                               f"embedding matrix has {cfg.vocab_size} rows (expected the model's own tokenizer)")
+    if tok.token_to_id("<pad>") != cfg.pad_token_id:  # padding and the position ids both follow the model's
+        raise CheckpointError(f"{model_dir / 'config.json'}: pad_token_id {cfg.pad_token_id}, but the tokenizer's "
+                              f"<pad> is {tok.token_to_id('<pad>')}")
     if args.max_len + cfg.pad_token_id >= cfg.max_position_embeddings:  # positions count from pad_token_id + 1
         raise UsageError(f"--max-len {args.max_len}: {model_dir} has position embeddings for at most "
                          f"{cfg.max_position_embeddings - cfg.pad_token_id - 1} tokens")
@@ -622,8 +629,8 @@ def finetune(args, out, model_dir, data_dir, seed):
     train_loop(out, "finetune", args.finetune_steps, step_fn, {"model": model, "opt": opt, "sched": sched}, best,
                args.ckpt_every, args.resume, args.skip_nonfinite)
     copy_into(phi, best["phi"])
-    log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']} "
-        f"({len(best['dev_f1s'])} dev evaluations)")
+    log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']} ({len(best['dev_f1s'])} dev "
+        f"evaluations)" if best["dev_f1s"] else "finetune: no steps, phi saved as initialised (no dev evaluation)")
     if rank_world()[0] == 0:
         save_model(model, out / "model", model_dir)
     return out / "model"
@@ -632,6 +639,8 @@ def finetune(args, out, model_dir, data_dir, seed):
 def export(args, model_dir, out):
     """--model in another layout, the tokenizer beside it: hf-mlm (XLMRobertaForMaskedLM, with the MLM head the
     encoder was pretrained with), hf-base (XLMRobertaModel), or peft (LoRA + head as a peft adapter folder)."""
+    if out.resolve() == model_dir.resolve():
+        raise UsageError(f"--out {out}: is the --model folder (the export would overwrite its input)")
     if args.format == "peft":
         peft = saved_peft_config(model_dir)
         if peft is None or peft.method != "lora":
@@ -903,6 +912,15 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and not ok(value):
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be {allowed}")
+    for flag in ("methods", "prime_langs", "eval_langs", "curve_langs", "lora_targets"):
+        items = (getattr(args, flag) or "").split(",")
+        if getattr(args, flag) is not None and ("" in items or len(set(items)) < len(items)):
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: expected a comma-separated list, "
+                             f"no item empty or repeated")
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out (the folder of the run to resume)")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
     methods = args.methods.split(",")
     for m in methods:
         if m not in METHODS:
@@ -928,8 +946,9 @@ def check_args(args):
         peft_config(args)
         for m in modes:
             prime_config(args, m)
-    except ValueError as e:  # PeftConfig's and PrimeConfig's own checks
-        raise UsageError(str(e)) from None
+    except ValueError as e:  # PeftConfig's and PrimeConfig's own checks, their field names put as the flags'
+        raise UsageError(re.sub(r"\w+", lambda w: "--" + w[0].replace("_", "-") if w[0] in vars(args) else w[0],
+                                str(e))) from None
     device_of(args)
 
 
@@ -1091,6 +1110,9 @@ def main(argv=None):
             dist.barrier()
     except (UsageError, data.DataError, CheckpointError) as e:  # the project's own errors; bugs keep their traceback
         log("error: " + " ".join(str(e).split()))  # one line, whatever the message quotes
+        sys.exit(2)
+    except OSError as e:  # a path the file system refuses (under a file, no permission, disk full)
+        log(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
         sys.exit(2)
     except Interrupted as e:
         message, signum = e.args
