@@ -1342,6 +1342,7 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
     ("empty list", lambda m, w, t: ["--prime-langs", ""], "--prime-langs '': expected a comma-separated list", True),
     ("--eval-langs the source", lambda m, w, t: ["--model", m, "--data", w, "--eval-langs", "de,en"],
      "--eval-langs de,en: en is the source language, expected others", False),
+    ("--text", lambda m, w, t: ["--text", "corpus.txt"], "--text corpus.txt: only for --stage pretrain", True),
     ("--out a file", lambda m, w, t: ["--out", _write(t / "file", "x")], "file: exists and is not a folder", True),
     ("--out under a file", lambda m, w, t: ["--model", m, "--data", w, "--out", _write(t / "file", "x") / "run"],
      "file/run: Not a directory", True),

@@ -917,6 +917,8 @@ def check_args(args):
         if getattr(args, flag) is not None and ("" in items or len(set(items)) < len(items)):
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: expected a comma-separated list, "
                              f"no item empty or repeated")
+    if args.text and args.stage != "pretrain":
+        raise UsageError(f"--text {args.text}: only for --stage pretrain (this is --stage {args.stage})")
     if args.resume and not args.out:
         raise UsageError("--resume needs --out (the folder of the run to resume)")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
