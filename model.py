@@ -447,7 +447,9 @@ def load_pretrained(path, labels=None, num_labels=None, peft=None, mlm=False):
     for file in _weight_files(path):
         with open_safetensors(file) as f:
             for key in f.keys():
-                if k := _file_key(key):
+                if (k := _file_key(key)) in index:  # which one would win is up to the order files are read in
+                    raise CheckpointError(f"{file}: tensor {key} is also in {index[k][0]}")
+                if k:
                     index[k] = (file, key, tuple(_float_slice(f, file, key).get_shape()))
     if not labels and not num_labels and "classifier.weight" in index:
         num_labels = index["classifier.weight"][2][0]

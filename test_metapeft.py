@@ -132,6 +132,9 @@ def test_model_loads_sharded_and_unprefixed_checkpoints(tmp_path):
     with torch.no_grad():
         diff = load_pretrained(shard).eval()(ids, mask) - ref(ids, attention_mask=mask).logits
         assert diff[mask.bool()].abs().max() < 1e-5
+    save_file(tensors | {keys[0]: state[keys[0]]}, str(shard / name))  # shard 1's first tensor, prefixed, in shard 2
+    with pytest.raises(CheckpointError, match=f"00002.safetensors: tensor {keys[0]} is also in .*model-00001-of-00002"):
+        load_pretrained(shard)
 
 
 @pytest.mark.parametrize("edit, message", [
