@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import asdict, replace
 
@@ -1195,7 +1196,9 @@ def test_train_torchrun_gives_the_one_process_weights(tiny_testbed, tmp_path, st
     assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max() for k in one) < 1e-6
     assert (tmp_path / "one" / "metrics.jsonl").read_text().count("\n") == \
         (tmp_path / "two" / "metrics.jsonl").read_text().count("\n")  # rank 0 alone writes
-    if stage == "finetune":
+    if stage == "finetune":  # a bad input: one line from rank 0, no traceback from any process of ours
+        code, log = torchrun("train.py", *argv, "--model", tmp_path / "nowhere", "--out", tmp_path / "bad")
+        assert code != 0 and log.count("error: --model") == 1 and "[rank1]" not in log, log[-3000:]
         return
     # A signal to one process stops both after the same step (no deadlock), with rank 0's checkpoint of it.
     (tmp_path / "signal_to_rank_1.py").write_text(SIGNAL_TO_RANK_1)
@@ -1345,6 +1348,9 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
     ("empty list", lambda m, w, t: ["--prime-langs", ""], "--prime-langs '': expected a comma-separated list", True),
     ("--eval-langs the source", lambda m, w, t: ["--model", m, "--data", w, "--eval-langs", "de,en"],
      "--eval-langs de,en: en is the source language, expected others", False),
+    ("probe without --model", lambda m, w, t: ["--stage", "probe"], "--stage probe: give the primed encoder", True),
+    ("probe curve too short", lambda m, w, t: ["--stage", "probe", "--model", m, "--base", m, "--finetune-steps", 4],
+     "--finetune-steps 4: the learning curve needs at least 25", True),
     ("--text", lambda m, w, t: ["--text", "corpus.txt"], "--text corpus.txt: only for --stage pretrain", True),
     ("--out a file", lambda m, w, t: ["--out", _write(t / "file", "x")], "file: exists and is not a folder", True),
     ("--out under a file", lambda m, w, t: ["--model", m, "--data", w, "--out", _write(t / "file", "x") / "run"],
@@ -1432,6 +1438,8 @@ def test_train_inner_optimizer_flags():
 def test_train_every_numeric_flag_has_a_range():
     args = vars(train.parse_args([]))
     assert {k for k, v in args.items() if type(v) in (int, float)} <= set(train.RANGES) <= set(args)
+    quick = train.parse_args(["--preset", "quick", "--prime-steps", "2"])  # a preset sets defaults, not given flags
+    assert (quick.prime_steps, quick.finetune_steps, quick.seeds) == (2, 300, 2)
 
 
 def test_train_bad_checkpoints_are_one_line(tiny_testbed, tmp_path, capsys):
@@ -1594,6 +1602,34 @@ def test_train_experiment_jobs_2_gives_the_same_table_as_jobs_1(tiny_testbed, tm
     assert "finetune: best en dev F1" in (tmp_path / "j2" / "seed1" / "multitask" / "log.txt").read_text()
     a, b = (weights(tmp_path / j / "seed1" / "multitask" / "finetune" / "model") for j in ("j1", "j2"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_experiment_sigterm_ends_its_cells_and_resumes_to_the_same_table(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    argv = [str(a) for a in ["--stage", "experiment", "--model", model, "--data", world, "--seeds", 2, "--methods",
+                             "none,prime", "--prime-steps", 10, "--finetune-steps", 40, "--patience", 0, *TINY_RUN,
+                             "--jobs", 2]]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", *argv, "--out", str(out)], stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)), start_new_session=True)
+    while not list(out.glob("seed*/*/log.txt")) and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(2)  # the cells are under way
+    proc.send_signal(signal.SIGTERM)  # to the experiment's process alone
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert proc.stderr.read().splitlines()[-1] == (f"experiment: stopped by SIGTERM, its finished cells kept; to go "
+                                                   f"on, run the same command with --resume --out {out}")
+    for _ in range(50):  # no process of its session is left (the cells' included)
+        try:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.2)
+        except ProcessLookupError:
+            break
+    else:
+        raise AssertionError("processes of the stopped experiment are still running")
+    assert not (out / "experiment.json").exists()
+    assert run_cli(*argv, "--out", out, "--resume") == 0 and run_cli(*argv, "--out", tmp_path / "whole") == 0
+    assert (out / "experiment.json").read_bytes() == (tmp_path / "whole" / "experiment.json").read_bytes()
 
 
 def test_train_experiment_per_world_builds_one_world_per_seed(tmp_path, monkeypatch):

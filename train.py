@@ -8,8 +8,9 @@
     python train.py --stage export --model runs/prime-.../model --format hf-mlm --out primed-xlmr/
     torchrun --standalone --nproc_per_node=4 train.py --stage prime ...   # the meta-batch split over 4 processes
 
-Every run writes to its own folder: config.json (all resolved flags), metrics.jsonl, checkpoint-<stage>.safetensors
-(resume with --resume --out DIR) and its outputs. See README.md.
+Every run writes to its own folder: config.json (all resolved flags) and its outputs; training stages also
+metrics.jsonl and checkpoint-<stage>.safetensors (prime: checkpoint-prime-<mode>; resume with --resume --out DIR).
+See README.md.
 """
 import argparse
 import contextlib
@@ -693,12 +694,6 @@ def probe(args, out, model_dir, data_dir):
     objective (mode prime, fresh phi) on held-out episodes (seed + 10**6) per priming and target language
     (targets: their train split, else dev); (c) the PEFT learning curve: dev F1 after 25, 50, 100, ... steps
     (only the source's selects anything, in finetune). probe.json and probe.md."""
-    if args.model is None:
-        raise UsageError("--stage probe: give the primed encoder as --model (and the unprimed one as --base)")
-    if args.base is None and args.data is not None:
-        raise UsageError("--stage probe with --data: give the unprimed encoder as --base")
-    if args.finetune_steps < 25:
-        raise UsageError(f"--stage probe: --finetune-steps {args.finetune_steps}: the learning curve needs at least 25")
     models = {"base": Path(args.base) if args.base else testbed(args, args.testbed_seed)[0], "primed": model_dir}
     source, prime_langs, evals = languages(args, data_dir)
     base, primed = (theta_phi(load_pretrained(d))[0] for d in models.values())
@@ -781,11 +776,22 @@ def run_jobs(jobs, threads, calls):
         return
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                                initargs=(threads,))
+
+    def stop(signum, frame):  # Ctrl-C or SIGTERM to this process (or to all): the cells are ended below
+        raise Interrupted(f"experiment: stopped by {signal.Signals(signum).name}, its finished cells kept", signum)
+
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         futures = {pool.submit(logged, *call): call for call in calls}
         for future in as_completed(futures):
             yield futures[future], future.result()
+    except Interrupted:  # here or in a cell: no cell is left running without this process (outputs are atomic)
+        for p in multiprocessing.active_children():
+            p.kill()
+        raise
     finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
         pool.shutdown(cancel_futures=True)
 
 
@@ -860,7 +866,7 @@ def experiment(args, out, model_dir, data_dir):
     table = head + "|---" * (len(cols) + 3) + "|\n" + "\n".join(rows) + "\n"
     worlds = "one testbed world per seed" if args.per_world else "one world"
     note = (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, {worlds}. Δ: mean "
-            f"per-seed difference from none on the target average, 95% t-interval; wins: seeds where it beats none. "
+            f"per-seed difference from none on the target average, 95% t-interval (-0.0: below zero by less than 0.05); wins: seeds where it beats none. "
             f"selection: dev F1 of the priming languages (no target labels), what hyper-parameters are chosen by.\n")
     pairs = "\n| paired, target avg | Δ | 95% CI | wins |\n|---|---|---|---|\n" + "".join(
         f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n" for k, d in vs.items()
@@ -917,6 +923,12 @@ def check_args(args):
         if getattr(args, flag) is not None and ("" in items or len(set(items)) < len(items)):
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: expected a comma-separated list, "
                              f"no item empty or repeated")
+    if args.stage == "probe" and args.model is None:
+        raise UsageError("--stage probe: give the primed encoder as --model (and the unprimed one as --base)")
+    if args.stage == "probe" and args.base is None and args.data is not None:
+        raise UsageError("--stage probe with --data: give the unprimed encoder as --base")
+    if args.stage == "probe" and args.finetune_steps < 25:
+        raise UsageError(f"--stage probe: --finetune-steps {args.finetune_steps}: the learning curve needs at least 25")
     if args.text and args.stage != "pretrain":
         raise UsageError(f"--text {args.text}: only for --stage pretrain (this is --stage {args.stage})")
     if args.resume and not args.out:
@@ -969,7 +981,7 @@ def parse_args(argv=None):
     a(g, "--out", help="run folder; omitted: runs/<stage>-<time>")
     a(g, "--resume", action="store_true", default=False, help="continue the killed run in --out from its last checkpoint")
     a(g, "--seed", type=int, default=0, help="seed for initialisation, dropout, batches and episodes")
-    a(g, "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    a(g, "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train; auto: cuda if a GPU is available, else cpu")
     a(g, "--threads", type=int, default=0, help="CPU threads per process; 0: all cores, but 1 per experiment cell")
     a(g, "--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast precision on CUDA (CPU: always fp32)")
     a(g, "--ckpt-every", type=int, default=100, help="steps between checkpoints")
@@ -1059,10 +1071,13 @@ def parse_args(argv=None):
     a(g, "--jobs", type=int, default=0, help="cells (and worlds) run in this many processes, logs in their folders; 0: cores / --threads on a CPU, 1 on a GPU; the table is the same bit for bit for every N")
     a(g, "--base", help="probe: the unprimed encoder --model was primed from; omitted: the testbed's pretrained one")
     a(g, "--probe-episodes", type=int, default=10, help="probe: held-out meta-batches per language for the priming loss")
-    a(g, "--preset", choices=sorted(PRESETS), help="named settings that override the step and seed counts")
+    a(g, "--preset", choices=sorted(PRESETS), help="new defaults for the flags they name (flags given explicitly keep "
+      "their value): " + "; ".join(f"{n}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
+                                    for n, preset in PRESETS.items()))
     args = p.parse_args(argv)
     for k, v in PRESETS.get(args.preset, {}).items():
-        setattr(args, k, v)
+        if getattr(args, k) == p.get_default(k):
+            setattr(args, k, v)
     check_args(args)
     return args
 
@@ -1077,9 +1092,11 @@ def main(argv=None):
         rank = rank_world()[0]
         if rank:  # rank 0 makes the testbed, if needed, before the others read it
             dist.barrier()
-        model_dir, data_dir = (None, None) if args.per_world else resolve_inputs(args)
-        if dist.is_initialized() and not rank:
-            dist.barrier()
+        try:
+            model_dir, data_dir = (None, None) if args.per_world else resolve_inputs(args)
+        finally:  # also when the inputs are bad: the others then find the same error, and all exit alike
+            if dist.is_initialized() and not rank:
+                dist.barrier()
         out = Path(args.out) if args.stage == "export" else start_run(args, args.stage)  # export: a checkpoint folder
         on_testbed = args.data is None
         if on_testbed and args.stage not in ("pretrain", "export"):
