@@ -338,7 +338,7 @@ class Model(nn.Module):
         peft_file = path / PEFT_FILE
         if self.peft and not merge_peft:
             phi = {n: p.detach().contiguous() for n, p in self.named_parameters() if is_peft(n)}
-            meta = {"format": "pt", "peft_config": json.dumps(asdict(self.peft))}
+            meta = {"peft_config": json.dumps(asdict(self.peft))}  # one key: a second one's order would vary
             atomic_write(peft_file, lambda f: save_file(phi, f, metadata=meta))
         elif peft_file.exists():
             peft_file.unlink()
@@ -350,10 +350,18 @@ PEFT_FILE, LM_HEAD_FILE = "peft.safetensors", "lm_head.safetensors"
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over path: a killed run never leaves a half-written file."""
+    """Call write(tmp_path), then rename over path: a killed run never leaves a half-written file. A failed write
+    (disk full) is a CheckpointError naming path, and leaves no temp file."""
     tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        mask = os.umask(0)  # safetensors creates its files owner-only: give them the mode any new file gets
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: not written ({getattr(e, 'strerror', None) or e})") from None
 
 
 def hf_key(name):
@@ -394,6 +402,7 @@ def read_json(path):
 def open_safetensors(file):
     """safe_open, with a missing, truncated or foreign file reported as a CheckpointError that names it."""
     try:
+        open(file, "rb").close()  # safetensors reports any file it cannot open as missing, unreadable ones too
         with safe_open(str(file), framework="pt") as f:
             yield f
     except (SafetensorError, OSError) as e:

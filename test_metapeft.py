@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 import metapeft as mp
 from data import DataError, Example, Sentence
-from model import CheckpointError, Config, Model, PeftConfig, fresh_phi, is_head, is_peft, load_lora_adapter, \
-    load_peft, load_pretrained, save_lora_adapter, saved_peft_config, theta_phi
+from model import CheckpointError, Config, Model, PeftConfig, atomic_write, fresh_phi, is_head, is_peft, \
+    load_lora_adapter, load_peft, load_pretrained, save_lora_adapter, saved_peft_config, theta_phi
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads, and OpenMP stalls badly on a busy shared CPU
 
@@ -217,6 +218,22 @@ def test_model_lora_merge_and_peft_save(tmp_path):
     adapters = load_pretrained(path, peft=PEFTS[2])
     with pytest.raises(ValueError, match="cannot be merged"):
         adapters.merge_peft()
+
+
+def test_model_atomic_write_gives_new_files_the_umask_mode_and_fails_cleanly(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.safetensors", lambda f: save_file({"x": torch.zeros(1)}, f))  # safetensors: 0600
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+
+    def disk_full(f):
+        Path(f).write_text("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(CheckpointError, match="b.json: not written \\(No space left on device\\)"):
+        atomic_write(tmp_path / "b.json", disk_full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]  # no temp file left
 
 
 def test_model_config_errors(tmp_path):
@@ -1361,7 +1378,12 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
     ("--per-world", lambda m, w, t: ["--per-world"], "--per-world: only for --stage experiment", True),
     ("--max-len > positions", lambda m, w, t: ["--model", m, "--data", w, "--max-len", 49],
      "--max-len 49: {m} has position embeddings for at most 48 tokens", False),
-    ("--eval-langs", lambda m, w, t: ["--model", m, "--data", w, "--eval-langs", "xx"], "unknown language 'xx'", False),
+    ("--eval-langs", lambda m, w, t: ["--model", m, "--data", w, "--eval-langs", "xx"],
+     "--eval-langs: no test split for 'xx'", False),
+    ("--eval-langs no test", lambda m, w, t: ["--model", m, "--data", w, "--eval-langs", "es"],
+     "--eval-langs: no test split for 'es'", False),
+    ("--curve-langs", lambda m, w, t: ["--stage", "finetune", "--model", m, "--data", w, "--curve-langs", "de,xx"],
+     "--curve-langs: no dev split for 'xx'", False),
     ("--phi-init primed", lambda m, w, t: ["--stage", "finetune", "--model", m, "--data", w, "--phi-init", "primed"],
      "has no PEFT init", False),
     ("--model alone, not the testbed's", lambda m, w, t: ["--testbed", cached_testbed(w, t / "tb"), "--model",
@@ -1524,6 +1546,16 @@ def test_train_sigterm_checkpoints_at_a_step_and_resumes_to_the_same_weights(tin
     assert run_cli(*argv, "--out", tmp_path / "whole") == 0
     a, b = weights(tmp_path / "whole" / "model"), weights(out / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_continued_mlm_is_seeded(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    dropout = copy_with(model, tmp_path / "m", "config.json",
+                        config_with(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))  # as XLM-R's
+    argv = ["--stage", "pretrain", "--model", dropout, "--data", world, *TINY_RUN, "--pretrain-steps", 3]
+    assert run_cli(*argv, "--out", tmp_path / "a") == 0 and run_cli(*argv, "--out", tmp_path / "b") == 0
+    a, b = ((tmp_path / run / "model" / "model.safetensors").read_bytes() for run in "ab")
+    assert a == b != (dropout / "model.safetensors").read_bytes()
 
 
 def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):

@@ -365,12 +365,15 @@ def languages(args, data_dir):
     prime = [l for l in have if l != args.source and l not in targets] or [l for l in have if l != args.source]
     prime = args.prime_langs.split(",") if args.prime_langs else prime
     evals = args.eval_langs.split(",") if args.eval_langs else targets
-    for lang in prime + evals:
-        if lang not in have + targets:
-            raise UsageError(f"unknown language {lang!r}: {data_dir} has {sorted(set(have + targets))}")
-    for flag, langs in (("--prime-langs", prime), ("--eval-langs", evals)):
-        if args.source in langs:  # priming's queries and the target average are the languages other than the source
+    curve = args.curve_langs.split(",") if args.curve_langs else []
+    for flag, langs, split in (("--prime-langs", prime, "train"), ("--eval-langs", evals, "test"),
+                               ("--curve-langs", curve, "dev")):
+        if args.source in langs:  # priming's queries, the target average and the curve are of the other languages
             raise UsageError(f"{flag} {','.join(langs)}: {args.source} is the source language, expected others")
+        found = data.languages(data_dir, split)
+        for lang in langs:
+            if lang not in found:
+                raise UsageError(f"{flag}: no {split} split for {lang!r} in {data_dir} (found {', '.join(found)})")
     if set(prime) & set(evals) and args.stage in ("prime", "experiment"):
         log(f"warning: priming languages {sorted(set(prime) & set(evals))} are also evaluated on: "
             f"their labelled data is seen during priming, so that evaluation is not zero-shot")
@@ -447,13 +450,14 @@ def pretrain(args, out, data_dir, model_dir, seed, resume):
     tok = data.load_tokenizer(tok_dir)
     text = Path(args.text) if args.text else Path(data_dir) / "unlabeled.txt"
     if not text.exists():
-        raise UsageError(f"--text {text}: file not found")
+        raise UsageError(f"--text {text}: file not found" if args.text else f"{text}: not found (give --text)")
     lines = [l for l in data.read_text(text).splitlines() if l.strip()]
     if len(lines) < 20:
         raise UsageError(f"--text {text}: {len(lines)} lines of text, expected at least 20")
     rows = [e.ids[:args.max_len - 1] + [tok.token_to_id("</s>")] for e in tok.encode_batch(lines)]
     examples = [data.Example(r, [data.IGNORE] * len(r), i, []) for i, r in enumerate(rows)]
     held_out, train = examples[::50], [e for i, e in enumerate(examples) if i % 50]
+    seed_everything(seed)  # initialisation, or continued MLM's dropout
     if model_dir:
         model = load_model(model_dir, tok, args, mlm=True)
     else:
@@ -461,7 +465,6 @@ def pretrain(args, out, data_dir, model_dir, seed, resume):
         cfg = Config(vocab_size=tok.get_vocab_size(), hidden_size=args.tiny_hidden, num_hidden_layers=args.tiny_layers,
                      num_attention_heads=args.tiny_hidden // 32, intermediate_size=4 * args.tiny_hidden,
                      max_position_embeddings=args.max_len + 2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        seed_everything(seed)
         model = Model(cfg, mlm=True)
     device = device_of(args)
     model.to(device).train()
@@ -497,7 +500,8 @@ def pretrain(args, out, data_dir, model_dir, seed, resume):
     train_loop(out, "pretrain", args.pretrain_steps, step_fn, state, extra, args.ckpt_every, resume,
                args.skip_nonfinite)
     extra["loss_after"] = held_out_loss()
-    log(f"pretrain: held-out MLM loss {extra['loss_before']:.3f} (untrained) -> {extra['loss_after']:.3f} (pretrained)")
+    log(f"pretrain: held-out MLM loss {extra['loss_before']:.3f} ({'--model' if model_dir else 'untrained'}) -> "
+        f"{extra['loss_after']:.3f} (pretrained)")
     atomic_write(out / "pretrain.json", lambda f: Path(f).write_text(json.dumps(extra, indent=2) + "\n"))
     save_model(model, out / "model", tok_dir)
     return out / "model"
@@ -573,7 +577,7 @@ def finetune(args, out, model_dir, data_dir, seed):
     """Downstream PEFT: theta frozen, PEFT + head trained on the source language until its dev F1 stops improving
     (patience_exhausted) or the budget ends; the checkpoint with the best source-language dev F1 is kept (no
     target-language data is used; --curve-langs only logs their dev F1). Saves out/model."""
-    source, curve = args.source, args.curve_langs.split(",") if args.curve_langs else []
+    source, curve = languages(args, data_dir)[0], args.curve_langs.split(",") if args.curve_langs else []
     tok = data.load_tokenizer(model_dir)
     labels, _, train = load_examples(data_dir, "train", [source], tok, None, args.max_len)
     _, dev_sents, dev = load_examples(data_dir, "dev", [source] + curve, tok, labels, args.max_len)
@@ -963,7 +967,8 @@ def check_args(args):
     except ValueError as e:  # PeftConfig's and PrimeConfig's own checks, their field names put as the flags'
         raise UsageError(re.sub(r"\w+", lambda w: "--" + w[0].replace("_", "-") if w[0] in vars(args) else w[0],
                                 str(e))) from None
-    device_of(args)
+    if args.dtype == "bf16" and device_of(args).type == "cpu":
+        log("note: --dtype bf16 is autocast on CUDA only; on the CPU this run is fp32")
 
 
 def parse_args(argv=None):
