@@ -870,7 +870,8 @@ def experiment(args, out, model_dir, data_dir):
     table = head + "|---" * (len(cols) + 3) + "|\n" + "\n".join(rows) + "\n"
     worlds = "one testbed world per seed" if args.per_world else "one world"
     note = (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, {worlds}. Δ: mean "
-            f"per-seed difference from none on the target average, 95% t-interval (-0.0: below zero by less than 0.05); wins: seeds where it beats none. "
+            f"per-seed difference from none on the target average, 95% t-interval (-0.0: below zero by less than "
+            f"0.05); wins: seeds where it beats none. "
             f"selection: dev F1 of the priming languages (no target labels), what hyper-parameters are chosen by.\n")
     pairs = "\n| paired, target avg | Δ | 95% CI | wins |\n|---|---|---|---|\n" + "".join(
         f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n" for k, d in vs.items()
