@@ -613,8 +613,9 @@ def load_lora_adapter(model, path):
             raise CheckpointError(f"{path}: LoRA on {sorted(modules - set(inverse))}, which this model does not have")
         targets = cfg.get("target_modules")
         # peft loads only what its target_modules name (a regex for the whole module name, or names it ends in)
-        named = lambda m: re.fullmatch(targets, f"roberta.encoder.layer.0.{m}") if isinstance(targets, str) else \
-            any(f"layer.0.{m}".endswith("." + t) for t in targets)
+        full = lambda m: f"roberta.encoder.layer.0.{m}"
+        named = lambda m: re.fullmatch(targets, full(m)) if isinstance(targets, str) else \
+            any(full(m) == t or full(m).endswith("." + t) for t in targets)
         if targets is not None and not all(named(m) for m in modules):
             raise CheckpointError(f"{path}: LoRA tensors on {sorted(m for m in modules if not named(m))}, which "
                                   f"target_modules {targets!r} does not name")
