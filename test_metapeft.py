@@ -1468,6 +1468,9 @@ def test_train_bad_checkpoints_are_one_line(tiny_testbed, tmp_path, capsys):
     model, world = tiny_testbed
     argv = ["--model", model, "--data", world, *TINY_RUN, "--prime-steps", 2]
     assert run_cli(*argv, "--out", tmp_path / "run") == 0 and run_cli(*argv, "--out", tmp_path / "other", "--lora-r", 4) == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    fails_cleanly(capsys, [*argv, "--out", tmp_path / "run"], f"--out {tmp_path / 'run'}: not empty (")
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before  # not started over
     argv.append("--resume")
     ckpt = tmp_path / "run" / "checkpoint-prime-prime.safetensors"
     fails_cleanly(capsys, [*argv, "--out", tmp_path / "run", "--lora-r", 4], "--resume: flags differ from the run in")

@@ -83,13 +83,15 @@ class Progress:
 
 def start_run(args, stage):
     """Create the run folder and write the resolved config (or check it against the one being resumed)."""
-    out = [Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")]
-    if dist.is_initialized():  # one folder for all processes, named by rank 0's clock
-        dist.broadcast_object_list(out)
-    out = out[0]
+    out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    found = [out, sorted(p.name for p in out.iterdir()) if out.is_dir() else []]
+    if dist.is_initialized():  # one folder for all processes, named by rank 0's clock, seen before rank 0 writes
+        dist.broadcast_object_list(found)
+    out, names = found
+    held = [n for n in names if n != "config.json"]  # a run that stopped at a bad flag left its config alone
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "out")} | {"stage": stage}
     if args.resume:
-        if not (out / "config.json").exists():
+        if "config.json" not in names:
             raise UsageError(f"--resume: {out}/config.json not found (give --out the folder of the run to resume)")
         old, defaults = read_json(out / "config.json"), vars(parse_args([]))
         # --skip-nonfinite may change: it only decides what a non-finite step does, e.g. one that stopped this run;
@@ -98,6 +100,9 @@ def start_run(args, stage):
                       and not (k not in old and config[k] == defaults.get(k)))
         if diff:
             raise UsageError(f"--resume: flags differ from the run in {out}: {', '.join(diff)}")
+    elif held and stage != "experiment":  # an experiment's folder keeps its finished cells
+        raise UsageError(f"--out {out}: not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+                         f"--resume continues the run in it, or give another folder")
     out.mkdir(parents=True, exist_ok=True)
     if rank_world()[0] == 0:
         atomic_write(out / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
@@ -984,7 +989,7 @@ def parse_args(argv=None):
       "xlm-roberta-base; omitted: the synthetic testbed's pretrained encoder")
     a(g, "--data", help="NER data folder: XTREME's {split}-{lang}.tsv or {lang}/{split}.{tsv,conll,jsonl}; "
       "omitted: the synthetic testbed")
-    a(g, "--out", help="run folder; omitted: runs/<stage>-<time>")
+    a(g, "--out", help="run folder (one that holds a run needs --resume); omitted: runs/<stage>-<time>")
     a(g, "--resume", action="store_true", default=False, help="continue the killed run in --out from its last checkpoint")
     a(g, "--seed", type=int, default=0, help="seed for initialisation, dropout, batches and episodes")
     a(g, "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train; auto: cuda if a GPU is available, else cpu")

@@ -7,7 +7,8 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 TESTBED=${TESTBED:-runs/study/testbed} OUT=${OUT:-runs/study/random}
 for s in "$@"; do
-    $PY train.py --stage pretrain --pretrain-steps 0 --data $TESTBED-$s/data --out $OUT-$s/encoder
+    [ -f $OUT-$s/encoder/model/model.safetensors ] || \
+        $PY train.py --stage pretrain --pretrain-steps 0 --data $TESTBED-$s/data --out $OUT-$s/encoder
     $PY train.py --stage experiment --methods none --model $OUT-$s/encoder/model \
         --data $TESTBED-$s/data --seed $s --seeds 1 --out $OUT-$s
 done
