@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 import data
 import metapeft
-from model import CheckpointError, Config, Model, PeftConfig, atomic_write, copy_lm_head, fresh_phi, \
+from model import PEFT_FILE, CheckpointError, Config, Model, PeftConfig, atomic_write, copy_lm_head, fresh_phi, \
     load_lora_adapter, load_peft, load_pretrained, open_safetensors, read_json, save_lora_adapter, saved_peft_config, \
     theta_phi
 
@@ -569,6 +569,8 @@ def prime(args, out, model_dir, data_dir, mode, seed):
                    args.skip_nonfinite)
     if rank_world()[0] == 0:
         save_model(model, out / "model", model_dir)
+        if mode == "none" or not set(theta_phi(model)[1]) & set(params):  # phi kept its initial draw: no init
+            (out / "model" / PEFT_FILE).unlink()                       # to offer --phi-init primed
     return out / "model"
 
 
@@ -592,7 +594,11 @@ def finetune(args, out, model_dir, data_dir, seed):
     model = load_model(model_dir, tok, args, labels=labels, peft=peft)
     theta, phi = theta_phi(model)
     if args.phi_init == "primed":
-        if saved_peft_config(model_dir) != peft:
+        saved = saved_peft_config(model_dir)
+        if saved is None:
+            raise UsageError(f"--phi-init primed: {model_dir} has no meta-learned PEFT init (priming learns one with "
+                             f"--outer theta+phi, or in multitask mode)")
+        if saved != peft:
             raise UsageError(f"--phi-init primed: {model_dir} has no PEFT init for {peft}")
         load_peft(model, model_dir)
     elif args.phi_init == "fresh":  # also replaces a head that priming saved for the same labels
