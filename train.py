@@ -570,7 +570,7 @@ def prime(args, out, model_dir, data_dir, mode, seed):
     if rank_world()[0] == 0:
         save_model(model, out / "model", model_dir)
         if mode == "none" or not set(theta_phi(model)[1]) & set(params):  # phi kept its initial draw: no init
-            (out / "model" / PEFT_FILE).unlink()                       # to offer --phi-init primed
+            (out / "model" / PEFT_FILE).unlink(missing_ok=True)        # to offer --phi-init primed
     return out / "model"
 
 
