@@ -5,10 +5,6 @@ usage: python study/compare.py A.json B.json"""
 import json
 import statistics
 import sys
-from pathlib import Path
-
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not study/ (its select.py shadows the stdlib)
-from train import paired  # noqa: E402  (the experiment table's own statistics)
 
 a, b = (json.load(open(f)) for f in sys.argv[1:3])
 seeds = [str(s) for s in a["seeds"]]
@@ -23,6 +19,4 @@ for m in a["scores"]:
           f"{statistics.mean(abs(p - q) for p, q in zip(x, y)):.1f} |")
 print("\n| paired, target avg | A | B |\n|---|---|---|")
 for k in a["paired"]:
-    first, second = k.split(" - ")
-    d = [paired([run["scores"][first][s]["avg"] - run["scores"][second][s]["avg"] for s in seeds]) for run in (a, b)]
-    print(f"| {k} | {ci(d[0])} | {ci(d[1])} |")
+    print(f"| {k} | {ci(a['paired'][k]['avg'])} | {ci(b['paired'][k]['avg'])} |")
