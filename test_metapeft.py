@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -1594,6 +1595,40 @@ def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):
     mtime = (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime
     assert run_cli(*argv) == 0  # finished cells are kept, not rerun
     assert (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime == mtime
+
+
+def test_train_experiment_cell_is_the_mean_of_its_prime_and_finetune_seeds(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    steps = ["--prime-steps", 2, "--finetune-steps", 3, "--eval-every", 1, "--threads", 1, *TINY_RUN]
+    argv = ["--stage", "experiment", "--model", model, "--data", world, "--out", tmp_path / "x", "--seed", 5,
+            "--seeds", 1, "--methods", "none,prime", "--prime-seeds", 2, "--finetune-seeds", 2, *steps]
+    assert run_cli(*argv) == 0
+    result = json.loads((tmp_path / "x" / "experiment.json").read_text())
+    single = {}  # the same runs as single stages: prime with seed p, fine-tune its model with seed f, evaluate
+    for p in (None, 5, 1005):
+        primed = model if p is None else tmp_path / f"p{p}" / "model"
+        if p is not None:
+            assert run_cli("--stage", "prime", "--model", model, "--data", world, "--seed", p, "--out",
+                           tmp_path / f"p{p}", *steps) == 0
+        for f in (5, 1005):
+            out = tmp_path / f"p{p}-f{f}"
+            assert run_cli("--stage", "finetune", "--model", primed, "--data", world, "--seed", f, "--out",
+                           out / "ft", *steps) == 0
+            assert run_cli("--stage", "eval", "--model", out / "ft" / "model", "--data", world, "--out", out / "ev",
+                           *steps) == 0
+            single[p, f] = json.loads((out / "ev" / "results.json").read_text())["target_avg_f1"]
+    runs = {m: [(r.get("prime_seed"), r["finetune_seed"], r["target_avg_f1"]) for r in result["runs"][m]["5"]]
+            for m in ("none", "prime")}
+    assert runs["none"] == [(5, f, single[None, f]) for f in (5, 1005)]  # none: one unprimed encoder, 2 fine-tunings
+    assert runs["prime"] == [(p, f, single[p, f]) for p in (5, 1005) for f in (5, 1005)]
+    for m, keys in (("none", [(None, 5), (None, 1005)]), ("prime", [(p, f) for p in (5, 1005) for f in (5, 1005)])):
+        assert result["scores"][m]["5"]["avg"] == 100 * statistics.mean(single[k] for k in keys)  # bit for bit
+    assert "Each cell is the mean of its runs (none 2, prime 4" in (tmp_path / "x" / "experiment.md").read_text()
+    mtime = (tmp_path / "x" / "seed5" / "prime" / "results.json").stat().st_mtime
+    assert run_cli(*argv) == 0  # finished cells are kept; one with fewer runs than asked for is run again
+    assert (tmp_path / "x" / "seed5" / "prime" / "results.json").stat().st_mtime == mtime
+    assert run_cli(*argv[:-len(steps)], "--prime-seeds", 1, "--finetune-seeds", 1, *steps) == 0
+    assert "runs" not in json.loads((tmp_path / "x" / "seed5" / "prime" / "results.json").read_text())
 
 
 def test_train_patience_rule_stops_at_the_right_step():

@@ -765,14 +765,46 @@ def probe(args, out, model_dir, data_dir):
     print(md)
 
 
+SEED_STRIDE = 1000  # run r of a cell with seed s uses seed s + 1000 r: the first run is the single-run cell's
+
+
 def cell(args, run, model_dir, data_dir, method, seed):
-    """One experiment cell: prime with `method` (none: not at all) -> finetune -> eval into run/results.json, its
-    resolved flags in run/config.json (cells of one table may come from runs with different flags)."""
+    """One experiment cell: --prime-seeds priming runs with `method` (none: one, not primed), each fine-tuned
+    --finetune-seeds times and evaluated; run/results.json holds every run's results and their mean, which scores the
+    cell (averaging runs removes their noise from the comparison). The first run uses seed `seed` for both stages, so
+    a cell of one run is that run; its resolved flags are in run/config.json (cells of one table may come from runs
+    with different flags)."""
     run.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"method": method, "seed": seed}
     atomic_write(run / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
-    primed = model_dir if method == "none" else prime(args, run / "prime", model_dir, data_dir, method, seed)
-    return evaluate(args, run, finetune(args, run / "finetune", primed, data_dir, seed), data_dir)
+    runs, single = [], cell_runs(args, method) == 1
+    for i in range(1 if method == "none" else args.prime_seeds):
+        prime_seed = seed + SEED_STRIDE * i
+        folder = run if single else run / f"prime{i}"
+        primed = model_dir if method == "none" else prime(args, folder / "prime", model_dir, data_dir, method, prime_seed)
+        for j in range(args.finetune_seeds):
+            leaf = folder if single else folder / f"finetune{j}"
+            tuned = finetune(args, leaf / "finetune", primed, data_dir, seed + SEED_STRIDE * j)
+            runs.append(evaluate(args, leaf, tuned, data_dir) | {"prime_seed": prime_seed,
+                                                                  "finetune_seed": seed + SEED_STRIDE * j})
+    if single:
+        return runs[0]
+    mean = lambda key: {l: statistics.mean(r[key][l] for r in runs) for l in runs[0][key]}
+    result = {"f1": mean("f1"), "dev_f1": mean("dev_f1"),
+              "target_avg_f1": statistics.mean(r["target_avg_f1"] for r in runs), "runs": runs}
+    atomic_write(run / "results.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
+    return result
+
+
+def cell_runs(args, method):
+    """How many prime -> finetune runs score one cell of `method`."""
+    return (1 if method == "none" else args.prime_seeds) * args.finetune_seeds
+
+
+def cell_done(run, n_runs):
+    """Whether the cell in folder `run` has finished with n_runs runs (a cell of one run keeps no list of runs)."""
+    path = run / "results.json"
+    return path.exists() and len(read_json(path).get("runs", [None])) == n_runs
 
 
 def logged(path, fn, *fn_args):
@@ -848,7 +880,7 @@ def experiment(args, out, model_dir, data_dir):
     source, _, evals = languages(args, inputs[seeds[0]][1])
     # finished cells are kept: a killed experiment resumes cell by cell
     todo = [(out / f"seed{s}" / m / "log.txt", cell, args, out / f"seed{s}" / m, *inputs[s], m, s)
-            for s in seeds for m in methods if not (out / f"seed{s}" / m / "results.json").exists()]
+            for s in seeds for m in methods if not cell_done(out / f"seed{s}" / m, cell_runs(args, m))]
     todo.sort(key=lambda call: call[-2] == "none")  # the short cells last: no process idles while one primes
     for n, (call, result) in enumerate(run_jobs(jobs, threads, todo), 1):
         log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
@@ -857,9 +889,13 @@ def experiment(args, out, model_dir, data_dir):
     # select: the mean dev F1 of the priming languages (of the source if none has a dev split), the number that
     # hyper-parameters are chosen by; no target-language label enters it
     select = lambda r: 100 * statistics.mean([f for l, f in r["dev_f1"].items() if l != source] or [r["dev_f1"][source]])
-    scores = {m: {s: json.loads((out / f"seed{s}" / m / "results.json").read_text()) for s in seeds} for m in methods}
+    results = {m: {s: read_json(out / f"seed{s}" / m / "results.json") for s in seeds} for m in methods}
+    # every run of every cell, its target average and languages (a cell's score is their mean)
+    runs = {m: {s: [{k: r[k] for k in ("prime_seed", "finetune_seed", "target_avg_f1", "f1", "dev_f1")}
+                    for r in res["runs"]] for s, res in per_seed.items() if "runs" in res}
+            for m, per_seed in results.items()}
     scores = {m: {s: {c: select(r) if c == "select" else 100 * (r["target_avg_f1"] if c == "avg" else r["f1"][c])
-                      for c in cols} for s, r in per_seed.items()} for m, per_seed in scores.items()}
+                      for c in cols} for s, r in per_seed.items()} for m, per_seed in results.items()}
     spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
     summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
     # every later method against every earlier one (none < multitask < maml < prime by default), paired by seed
@@ -880,7 +916,10 @@ def experiment(args, out, model_dir, data_dir):
             "| Δ avg vs none [95% CI] | wins |\n")
     table = head + "|---" * (len(cols) + 3) + "|\n" + "\n".join(rows) + "\n"
     worlds = "one testbed world per seed" if args.per_world else "one world"
-    note = (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, {worlds}. Δ: mean "
+    per_cell = {m: cell_runs(args, m) for m in methods}
+    averaged = "" if set(per_cell.values()) == {1} else " Each cell is the mean of its runs (" + ", ".join(
+        f"{m} {n}" for m, n in per_cell.items()) + f": --prime-seeds {args.prime_seeds} x --finetune-seeds {args.finetune_seeds})."
+    note = (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, {worlds}.{averaged} Δ: mean "
             f"per-seed difference from none on the target average, 95% t-interval (-0.0: below zero by less than "
             f"0.05); wins: seeds where it beats none. "
             f"selection: dev F1 of the priming languages (no target labels), what hyper-parameters are chosen by.\n")
@@ -888,6 +927,8 @@ def experiment(args, out, model_dir, data_dir):
         f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n" for k, d in vs.items()
     ) if vs else ""
     result = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "paired": vs}
+    if any(runs.values()):
+        result["runs"] = runs
     atomic_write(out / "experiment.json", lambda f: Path(f).write_text(json.dumps(result, indent=2) + "\n"))
     atomic_write(out / "experiment.md", lambda f: Path(f).write_text(table + note + pairs))
     print(table + note + pairs)
@@ -916,7 +957,7 @@ RANGES = {
     "micro_batch": AT_LEAST_0, "eval_every": AT_LEAST_0, "eval_batch_size": AT_LEAST_1,
     "weight_decay": FINITE_AT_LEAST_0, "clip": FINITE_AT_LEAST_0, "pretrain_steps": AT_LEAST_0, "pretrain_lr": RATE,
     "tiny_hidden": (lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (heads = width / 32)"),
-    "tiny_layers": AT_LEAST_1, "seeds": AT_LEAST_1, "jobs": AT_LEAST_0, "threads": AT_LEAST_0,
+    "tiny_layers": AT_LEAST_1, "seeds": AT_LEAST_1, "prime_seeds": AT_LEAST_1, "finetune_seeds": AT_LEAST_1, "jobs": AT_LEAST_0, "threads": AT_LEAST_0,
     "probe_episodes": AT_LEAST_1,
 }
 
@@ -1083,6 +1124,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("experiment")
     a(g, "--methods", default=",".join(METHODS), help="comma-separated methods to compare")
     a(g, "--seeds", type=int, default=3, help="seeds per method (seed, seed+1, ...)")
+    a(g, "--prime-seeds", type=int, default=1, help="priming runs per cell (seeds seed, seed+1000, ...), each fine-tuned "
+      "--finetune-seeds times; the cell scores the mean of its runs (none: one, unprimed)")
+    a(g, "--finetune-seeds", type=int, default=1, help="fine-tuning runs per primed encoder (seeds seed, seed+1000, ...)")
     a(g, "--per-world", action="store_true", default=False,
       help="testbed only: seed s runs on its own world, --testbed-seed s (built once each, before the cells)")
     a(g, "--jobs", type=int, default=0, help="cells (and worlds) run in this many processes, logs in their folders; 0: cores / --threads on a CPU, 1 on a GPU; the table is the same bit for bit for every N")

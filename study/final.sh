@@ -4,7 +4,8 @@
 # each cell keeps its own config.json.
 #   study/final.sh none            builds worlds 1-10 and runs their `none` cells
 #   study/final.sh METHOD [FLAGS]  the method's cells, each as soon as its world's `none` cell is done
-#   study/final.sh table           the table from the finished cells: runs/study/final/experiment.md
+#   study/final.sh table [FLAGS]   the table from the finished cells: runs/study/final/experiment.md (FLAGS: the
+#                                  cells' --prime-seeds / --finetune-seeds, so that they count as finished)
 # FIRST=11 (N=10) runs the same on worlds 11-20 instead: the replication; FIRST=1 N=20 table pools both. P=2: two
 # worlds at a time. TESTBED= and OUT= put the worlds and cells elsewhere (default runs/study/testbed, runs/study/final).
 # Cell by cell (--seed s --seeds 1) so that several methods can run side by side as worlds become ready; the same
@@ -16,7 +17,7 @@ export OMP_NUM_THREADS=1
 FIRST=${FIRST:-1} N=${N:-10} TESTBED=${TESTBED:-runs/study/testbed} OUT=${OUT:-runs/study/final}
 COMMON="--stage experiment --per-world --testbed $TESTBED --prime-steps 60 --out $OUT"
 if [ "$1" = table ]; then
-    exec $PY train.py $COMMON --seed $FIRST --seeds $N --methods none,multitask,maml,prime
+    exec $PY train.py $COMMON --seed $FIRST --seeds $N --methods none,multitask,maml,prime "${@:2}"
 fi
 method=$1; shift
 export PY COMMON OUT method
