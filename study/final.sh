@@ -21,6 +21,7 @@ if [ "$1" = table ]; then
 fi
 method=$1; shift
 export PY COMMON OUT method
+mkdir -p "$(dirname "$OUT")"
 # P worlds at a time (default 1), each cell as soon as its world's `none` cell is done
 seq $FIRST $((FIRST + N - 1)) | xargs -P "${P:-1}" -I {} bash -c '
     until [ "$method" = none ] || [ -f $OUT/seed{}/none/results.json ]; do sleep 10; done
