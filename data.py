@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-# Hugging Face `wikiann` ClassLabel order, used to decode integer `ner_tags` when a
-# JSON record carries no label list of its own.
+# Hugging Face `wikiann` ClassLabel order: decodes the integer `ner_tags` of a JSON record with no label list
 WIKIANN_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
-SPLIT_EXTS = ("tsv", "txt", "conll", "jsonl", "json")
+SPLIT_EXTS = ("tsv", "txt", "conll", "jsonl", "json")  # of `{lang}/{split}.{ext}`
+FLAT_EXTS = ("tsv", "jsonl")  # of the flat `{split}-{lang}.{ext}` (XTREME's `dev-en.tsv`)
+# Other names exporters give a split: Hugging Face `datasets` (WikiANN) calls the dev split `validation`.
+SPLIT_NAMES = {"dev": ("dev", "validation", "valid", "val")}
 IGNORE = -100  # label id skipped by the loss and by word_predictions (as in XTREME)
 
 
@@ -140,13 +142,20 @@ def read_text(path) -> str:
 
 
 def split_path(data_dir, split, lang) -> Path:
-    """Locate a split: XTREME's flat `{split}-{lang}.tsv`, or `{lang}/{split}.{ext}`."""
-    d = Path(data_dir)
-    tried = [d / f"{split}-{lang}.tsv"] + [d / lang / f"{split}.{ext}" for ext in SPLIT_EXTS]
-    for p in tried:
-        if p.is_file():
-            return p
-    raise DataError(f"no {split} split for {lang!r}; tried {', '.join(map(str, tried))}")
+    """Locate a split: XTREME's flat `{split}-{lang}.tsv` (or .jsonl), or `{lang}/{split}.{ext}`, the split under
+    any of its names (SPLIT_NAMES: dev may be `validation`, ...). No file, or more than one, is a DataError."""
+    d, names = Path(data_dir), SPLIT_NAMES.get(split, (split,))
+    candidates = ([d / f"{n}-{lang}.{e}" for n in names for e in FLAT_EXTS]
+                  + [d / lang / f"{n}.{e}" for n in names for e in SPLIT_EXTS])
+    found = [p for p in candidates if p.is_file()]
+    if len(found) > 1:
+        raise DataError(f"{d}: the {split} split of {lang!r} is ambiguous: "
+                        f"{' and '.join(str(p.relative_to(d)) for p in found)} (expected one file)")
+    if not found:
+        alt = lambda xs: xs[0] if len(xs) == 1 else "{" + ",".join(xs) + "}"  # shell brace notation
+        raise DataError(f"no {split} split for {lang!r} in {d}; looked for {alt(names)}-{lang}.{alt(FLAT_EXTS)} "
+                        f"and {lang}/{alt(names)}.{alt(SPLIT_EXTS)}")
+    return found[0]
 
 
 def read_split(data_dir, split, lang) -> list[Sentence]:
@@ -155,11 +164,12 @@ def read_split(data_dir, split, lang) -> list[Sentence]:
 
 
 def languages(data_dir, split) -> list[str]:
-    """Sorted languages that have `split` under data_dir, in either layout."""
-    d = Path(data_dir)
-    flat = {p.name[len(split) + 1:-4] for p in d.glob(f"{split}-*.tsv")}
-    nested = {p.parent.name for ext in SPLIT_EXTS for p in d.glob(f"*/{split}.{ext}")}
-    return sorted(flat | nested)
+    """Sorted languages that have `split` (under any of its names) under data_dir, in either layout."""
+    d, found = Path(data_dir), set()
+    for n in SPLIT_NAMES.get(split, (split,)):
+        found |= {p.name[len(n) + 1:-len(e) - 1] for e in FLAT_EXTS for p in d.glob(f"{n}-*.{e}")}
+        found |= {p.parent.name for e in SPLIT_EXTS for p in d.glob(f"*/{n}.{e}")}
+    return sorted(found)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -431,32 +441,30 @@ def macro_average(per_lang) -> float:
 
 # ----------------------------------------------------------------------------- synthetic testbed
 # A small multilingual world in which the whole method runs on a laptop CPU (no real data can be downloaded).
-# A shared interlingua of concepts and clause templates is rendered into several pseudo-languages (own
-# lexicon from a language-specific syllable inventory, three scripts, SVO/V2/SOV, prepositions/postpositions/
-# suffixes, articles, noun capitalisation). Entity names are shared between the Latin-script languages and
-# transliterated into Cyrillic / katakana. The unlabeled corpus mixes monolingual text with parallel pairs and
-# code-switched sentences (the alignment anchors of real multilingual models). Deterministic given the seed.
+# Abstract sentences (clauses with typed slots, fragments) are rendered into pseudo-languages, each with its own
+# lexicon and syllables, one of four scripts, SVO/V2/SOV order, prepositions, postpositions or suffixes, articles
+# and noun capitalisation. Entity names are shared verbatim between the Latin-script languages and transliterated
+# into Cyrillic, Greek and katakana. The unlabeled corpus mixes monolingual text with parallel pairs and
+# code-switched lines (the alignment anchors of real multilingual models). Every random.Random is seeded by a
+# string (world seed, split, language), so a world is a function of its WorldConfig.
 
 @dataclass
 class WorldConfig:
-    """The world's knobs. Calibrated on the `none` baseline alone (README, "The synthetic testbed"): smaller name
-    pools, fewer context-free fragments, more code-switched and parallel text and more Latin names in the
-    non-Latin scripts lifted en F1 from 52 to ~85 and the target average from 16 to ~31 (world seed 0); then more
-    parallel text, fewer exonyms and half the names left Latin in ru/ja/el lifted it to ~41 (the lowest worlds had
-    fallen below 35, ru below 20)."""
+    """A world's knobs: corpus and split sizes, lexicon and name-pool sizes, and the probabilities of sentence and
+    entity forms. The defaults are the calibrated world (README, "Calibration of the testbed")."""
     seed: int = 0
     languages: tuple = ("en", "de", "ru", "tr", "ja", "es", "el")  # the first is the source
     priming_only: tuple = ("es", "el")  # train and dev only: the query languages of priming, never tested
     n_unlabeled: int = 3000          # monolingual unlabeled sentences per language
     n_parallel: int = 2500           # en-X parallel lines per target language
     n_codeswitch: int = 2000         # code-switched lines per language
-    n_train: int = 1000
+    n_train: int = 1000              # labeled sentences per language and split
     n_dev: int = 200
     n_test: int = 300
-    n_nouns: int = 150
+    n_nouns: int = 150               # concepts of the shared lexicon
     n_adjs: int = 50
     n_advs: int = 20
-    verbs_per_class: int = 3
+    verbs_per_class: int = 3         # verbs of each class in _VERBS
     n_first: int = 100               # first-name pool
     n_last: int = 150                # last-name pool
     n_loc: int = 120                 # place-name stems
@@ -464,65 +472,51 @@ class WorldConfig:
     n_shared: int = 20               # names usable both as last name and place
     n_wordnames: int = 25            # names that are also common (en) words
     p_fragment: float = 0.1          # context-free fragments ("X", "X , Y", "X ( Y )")
-    p_two_clauses: float = 0.25
-    p_title: float = 0.25
+    p_two_clauses: float = 0.25      # sentences of two clauses joined by "and"
+    p_title: float = 0.25            # persons with a title ("president X")
     p_exonym: float = 0.05           # place names with language-specific forms
     p_keep_latin: float = 0.5        # entities left untransliterated in non-Latin scripts
-    p_codeswitch_word: float = 0.5
+    p_codeswitch_word: float = 0.5   # words and names taken from the other language in a code-switched line
     label_noise: float = 0.02        # silver-standard noise in labeled splits
 
 
 # ----------------------------------------------------------------------------- languages
 
-_LANG = {
-    # script, word order, adpositions, articles, capitalise common nouns
-    "en": dict(script="latin", order="SVO", adp="pre", art="en", capn=False),
-    "de": dict(script="latin", order="V2", adp="pre", art="de", capn=True),
-    "ru": dict(script="cyrl", order="SVO", adp="pre", art=None, capn=False),
-    "tr": dict(script="latin", order="SOV", adp="suffix", art="tr", capn=False),
-    "ja": dict(script="kana", order="SOV", adp="post", art=None, capn=False),
-    "es": dict(script="latin", order="SVO", adp="pre", art="en", capn=False),
-    "el": dict(script="grek", order="SVO", adp="pre", art="en", capn=False),
+_LANGUAGES = {
+    # articles: "en" a definite and an indefinite one, "de" those by gender too, "tr" an indefinite one only
+    "en": dict(script="latin", order="SVO", adposition="pre", articles="en", capital_nouns=False),
+    "de": dict(script="latin", order="V2", adposition="pre", articles="de", capital_nouns=True),
+    "ru": dict(script="cyrl", order="SVO", adposition="pre", articles=None, capital_nouns=False),
+    "tr": dict(script="latin", order="SOV", adposition="suffix", articles="tr", capital_nouns=False),
+    "ja": dict(script="kana", order="SOV", adposition="post", articles=None, capital_nouns=False),
+    "es": dict(script="latin", order="SVO", adposition="pre", articles="en", capital_nouns=False),
+    "el": dict(script="grek", order="SVO", adposition="pre", articles="en", capital_nouns=False),
 }
-_HIRA = list("あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめも"
-             "らりるれろがぎぐげござじずぜぞだでどばびぶべぼやゆよわ")
-_SYL = {
-    "en": (["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
-            "w", "th", "sh", "ch", "br", "st", "tr", "pl", "gr", ""],
-           ["a", "e", "i", "o", "u", "ea", "oo", "ai"],
-           ["", "", "n", "r", "s", "t", "ll", "ck", "nd", "ng"]),
-    "de": (["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "w", "z", "sch",
-            "st", "pf", "kr", "gr", ""],
-           ["a", "e", "i", "o", "u", "ä", "ö", "ü", "ei", "au", "ie"],
-           ["", "n", "r", "ch", "t", "ß", "ng", "rt", "lz", "ck"]),
-    "tr": (["b", "c", "ç", "d", "g", "h", "k", "l", "m", "n", "p", "r", "s", "ş", "t", "y",
-            "z", ""],
-           ["a", "e", "ı", "i", "o", "ö", "u", "ü"],
-           ["", "", "r", "n", "k", "m", "l", "ş", "z"]),
-    "ru": (["б", "в", "г", "д", "ж", "з", "к", "л", "м", "н", "п", "р", "с", "т", "ф", "х",
-            "ц", "ч", "ш", "ст", "пр", "кр", ""],
-           ["а", "е", "и", "о", "у", "ы", "я", "ю"],
-           ["", "", "в", "й", "н", "р", "л", "сть", "к"]),
-    "es": (["b", "c", "d", "f", "g", "l", "m", "n", "p", "r", "s", "t", "v", "ll", "ch", ""],
-           ["a", "e", "i", "o", "u", "ue", "ie"], ["", "", "n", "s", "r", "l"]),
-    "el": (["β", "γ", "δ", "ζ", "θ", "κ", "λ", "μ", "ν", "ξ", "π", "ρ", "σ", "τ", "φ", "χ", ""],
-           ["α", "ε", "η", "ι", "ο", "υ", "ω", "ου"], ["", "", "ς", "ν", "ρ"]),
-}
-_NAME_SYL = (["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v",
-              "w", "z", "br", "cl", "dr", "fr", "gr", "kr", "st", "tr", ""],
-             ["a", "e", "i", "o", "u", "a", "e", "o", "ia", "ai"],
-             ["", "", "", "n", "r", "s", "l", "m", "nt", "rd"])
-_CYR = dict(zip("abcdefghijklmnopqrstuvwxyz",
-                "а б к д е ф г х и дж к л м н о п к р с т у в в кс й з".split()))
-_GRK = dict(zip("abcdefghijklmnopqrstuvwxyz",
-                "α μπ κ ντ ε φ γ χ ι τζ κ λ μ ν ο π κ ρ σ τ ου β ου ξ ι ζ".split()))
-_KANA_ROWS = {"": "アイウエオ", "k": "カキクケコ", "s": "サシスセソ", "t": "タチツテト",
-              "n": "ナニヌネノ", "h": "ハヒフヘホ", "m": "マミムメモ", "y": "ヤイユエヨ",
-              "r": "ラリルレロ", "w": "ワイウエヲ", "g": "ガギグゲゴ", "z": "ザジズゼゾ",
-              "d": "ダヂヅデド", "b": "バビブベボ", "p": "パピプペポ"}
-_KANA_C = {"c": "k", "l": "r", "v": "b", "f": "h", "j": "z", "q": "k", "x": "k"}
+_HIRAGANA = list("あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめも"
+                 "らりるれろがぎぐげござじずぜぞだでどばびぶべぼやゆよわ")
+# syllable parts, "|"-separated: onsets, nuclei and codas of each language's words (ja's are hiragana) and of the
+# names; "" is an empty part, and a part listed twice is drawn twice as often
+_SYLLABLES = {lang: tuple(parts.split("|") for parts in inventory) for lang, inventory in {
+    "en": ("b|c|d|f|g|h|j|k|l|m|n|p|r|s|t|v|w|th|sh|ch|br|st|tr|pl|gr|", "a|e|i|o|u|ea|oo|ai", "||n|r|s|t|ll|ck|nd|ng"),
+    "de": ("b|d|f|g|h|k|l|m|n|p|r|s|t|w|z|sch|st|pf|kr|gr|", "a|e|i|o|u|ä|ö|ü|ei|au|ie", "|n|r|ch|t|ß|ng|rt|lz|ck"),
+    "tr": ("b|c|ç|d|g|h|k|l|m|n|p|r|s|ş|t|y|z|", "a|e|ı|i|o|ö|u|ü", "||r|n|k|m|l|ş|z"),
+    "ru": ("б|в|г|д|ж|з|к|л|м|н|п|р|с|т|ф|х|ц|ч|ш|ст|пр|кр|", "а|е|и|о|у|ы|я|ю", "||в|й|н|р|л|сть|к"),
+    "es": ("b|c|d|f|g|l|m|n|p|r|s|t|v|ll|ch|", "a|e|i|o|u|ue|ie", "||n|s|r|l"),
+    "el": ("β|γ|δ|ζ|θ|κ|λ|μ|ν|ξ|π|ρ|σ|τ|φ|χ|", "α|ε|η|ι|ο|υ|ω|ου", "||ς|ν|ρ"),
+    "names": ("b|c|d|f|g|h|j|k|l|m|n|p|r|s|t|v|w|z|br|cl|dr|fr|gr|kr|st|tr|", "a|e|i|o|u|a|e|o|ia|ai",
+              "|||n|r|s|l|m|nt|rd"),
+}.items()}
+# transliteration of each Latin letter
+_TO_CYRILLIC = dict(zip("abcdefghijklmnopqrstuvwxyz", "а б к д е ф г х и дж к л м н о п к р с т у в в кс й з".split()))
+_TO_GREEK = dict(zip("abcdefghijklmnopqrstuvwxyz", "α μπ κ ντ ε φ γ χ ι τζ κ λ μ ν ο π κ ρ σ τ ου β ου ξ ι ζ".split()))
+# katakana by consonant, in vowel order a i u e o
+_KANA_ROWS = {"": "アイウエオ", "k": "カキクケコ", "s": "サシスセソ", "t": "タチツテト", "n": "ナニヌネノ",
+              "h": "ハヒフヘホ", "m": "マミムメモ", "y": "ヤイユエヨ", "r": "ラリルレロ", "w": "ワイウエヲ",
+              "g": "ガギグゲゴ", "z": "ザジズゼゾ", "d": "ダヂヅデド", "b": "バビブベボ", "p": "パピプペポ"}
+_KANA_ROW_OF = {"c": "k", "l": "r", "v": "b", "f": "h", "j": "z", "q": "k"}  # for Latin consonants without one
 
-# verb classes: (name, subject types, object types or None, [(prep, types, prob)], p_year)
+# verb classes: (name, subject types, object types or None, [(preposition, its object types, probability)],
+# probability of "in <year>"); type N is a common noun phrase
 _VERBS = [
     ("born", ["PER"], None, [("in", ["LOC"], 1.0)], 0.6),
     ("work", ["PER"], None, [("at", ["ORG"], 1.0)], 0.1),
@@ -541,25 +535,27 @@ _VERBS = [
     ("gen2", ["PER", "ORG", "LOC", "N"], ["N", "PER", "ORG", "LOC"], [("near", ["LOC", "N"], 0.2)], 0.1),
     ("describe", ["N"], ["PER", "ORG", "LOC"], [("by", ["PER", "ORG"], 0.3)], 0.1),
 ]
-_PREPS = ["in", "at", "for", "with", "from", "to", "through", "near", "of", "by"]
-_FUNC = ["and", "also", "subj", "obj", "def", "indef", "def_m", "def_f", "def_n",
-         "indef_m", "indef_f", "indef_n"]
+_PREPOSITIONS = ["in", "at", "for", "with", "from", "to", "through", "near", "of", "by"]
+# "subj"/"obj": ja's particles and tr's object suffix; articles by gender for de. No template uses "also", but its
+# word is drawn with the lexicon, so it stays: dropping it would change every world.
+_FUNCTION_WORDS = "and also subj obj def indef def_m def_f def_n indef_m indef_f indef_n".split()
 # nouns 0..4 double as place suffixes (river, lake, ...), 5..14 as organisation suffixes
 # (bank, group, university, ...), 15..22 as person titles (president, doctor, ...);
 # adjective 0 ("new") doubles as a place prefix ("New X").
-_LOCSUF, _ORGSUF, _TITLES = range(0, 5), range(5, 15), range(15, 23)
-_PUNCT = {"kana": ("。", "、"), "grek": (".", ",")}
+_PLACE_NOUNS, _ORG_NOUNS, _TITLE_NOUNS = range(0, 5), range(5, 15), range(15, 23)
+_PUNCTUATION = {"kana": ("。", "、")}  # (full stop, comma) by script; "." and "," in the others
 
 
-def _word(rng, inv, nsyl):
-    on, nu, co = inv
-    return "".join(rng.choice(on) + rng.choice(nu) + (rng.choice(co) if i == nsyl - 1 or rng.random() < .2 else "")
-                   for i in range(nsyl))
+def _word(rng, syllables, n):
+    """A word of n syllables: each an onset and a nucleus, the last and one in five of the others with a coda."""
+    onsets, nuclei, codas = syllables
+    return "".join(rng.choice(onsets) + rng.choice(nuclei) + (rng.choice(codas) if i == n - 1 or rng.random() < .2
+                                                               else "") for i in range(n))
 
 
-def _kana_word(rng, nsyl):
-    w = "".join(rng.choice(_HIRA) for _ in range(nsyl))
-    return w + ("ん" if rng.random() < .2 else "")
+def _kana_word(rng, n):
+    """A word of n hiragana, one in five ending in ん."""
+    return "".join(rng.choice(_HIRAGANA) for _ in range(n)) + ("ん" if rng.random() < .2 else "")
 
 
 def _translit(name, script):
@@ -567,18 +563,20 @@ def _translit(name, script):
     if script == "latin":
         return name
     if script in ("cyrl", "grek"):
-        table = _CYR if script == "cyrl" else _GRK
+        table = _TO_CYRILLIC if script == "cyrl" else _TO_GREEK
         out = "".join(table.get(c.lower(), c) for c in name)
         return out.upper() if name.isupper() and len(name) > 1 else out[:1].upper() + out[1:]
     if name.isupper():                         # acronyms stay Latin in kana languages
         return name
+    # katakana: a vowel, or a consonant and its vowel, is one kana; a consonant with no vowel after it is its row's
+    # u-kana (o-kana for t and d, ン for n); x is "ks"; other characters are dropped
     s, out, i = name.lower(), [], 0
     while i < len(s):
         c = s[i]
         if c in "aiueo":
             out.append(_KANA_ROWS[""]["aiueo".index(c)]); i += 1
             continue
-        row = _KANA_C.get(c, c)
+        row = _KANA_ROW_OF.get(c, c)
         if c == "x":
             out.append("ク"); row = "s"
         if row not in _KANA_ROWS:
@@ -591,163 +589,165 @@ def _translit(name, script):
     return "".join(out)
 
 
-def _mutate(name, rng):
-    """A variant spelling (exonym) of a place name."""
-    v = "aeiou"
-    idx = [i for i, c in enumerate(name) if c in v]
-    if idx and rng.random() < .6:
-        i = rng.choice(idx)
-        return name[:i] + rng.choice([x for x in v if x != name[i]]) + name[i + 1:]
+def _exonym(name, rng):
+    """A place name's own form in another language: one vowel changed (60%, if it has one) or an ending added."""
+    vowels = "aeiou"
+    at = [i for i, c in enumerate(name) if c in vowels]
+    if at and rng.random() < .6:
+        i = rng.choice(at)
+        return name[:i] + rng.choice([v for v in vowels if v != name[i]]) + name[i + 1:]
     return name + rng.choice(["en", "ia", "o", "a", "ie"])
 
 
 # ----------------------------------------------------------------------------- world
 
-
 def _build_world(cfg):
+    """What a world's files share: each language's lexicon (a word per concept: nouns N0.., adjectives A0..,
+    adverbs R0.., verbs V_<class>_<k>, P_<preposition>, F_<function word>) and noun genders, names, exonyms."""
     rng = random.Random(f"world-{cfg.seed}")
     concepts = ([f"N{i}" for i in range(cfg.n_nouns)] + [f"A{i}" for i in range(cfg.n_adjs)]
                 + [f"R{i}" for i in range(cfg.n_advs)]
                 + [f"V_{v[0]}_{k}" for v in _VERBS for k in range(cfg.verbs_per_class)]
-                + [f"P_{p}" for p in _PREPS] + [f"F_{f}" for f in _FUNC])
+                + [f"P_{p}" for p in _PREPOSITIONS] + [f"F_{f}" for f in _FUNCTION_WORDS])
     lex, gender = {}, {}
     for lang in cfg.languages:
-        spec = _LANG[lang]
-        lr = random.Random(f"lex-{cfg.seed}-{lang}")
-        inv = _SYL.get(lang, _SYL["en"])
-        used, lx = set(), {}
+        spec, lex_rng, words = _LANGUAGES[lang], random.Random(f"lex-{cfg.seed}-{lang}"), {}
+        kana = spec["script"] == "kana"
         for c in concepts:
-            short = c[0] in "PF"
-            for _ in range(1000):
-                n = (lr.choice([1, 1, 2]) if short else lr.choice([1, 2, 2, 3])) + (spec["script"] == "kana")
-                w = _kana_word(lr, n) if spec["script"] == "kana" else _word(lr, inv, n)
-                if w not in used:
+            for _ in range(1000):  # redraw a word another concept has (after 1000 draws, keep it)
+                # prepositions and function words are short; kana words get a syllable more (a kana has no coda)
+                n = (lex_rng.choice([1, 1, 2]) if c[0] in "PF" else lex_rng.choice([1, 2, 2, 3])) + kana
+                word = _kana_word(lex_rng, n) if kana else _word(lex_rng, _SYLLABLES[lang], n)
+                if word not in words.values():
                     break
-            used.add(w)
-            lx[c] = w
-        if spec["capn"]:
-            for c in concepts:
-                if c[0] == "N":
-                    lx[c] = lx[c][:1].upper() + lx[c][1:]
-        lex[lang] = lx
-        gender[lang] = {f"N{i}": lr.choice("mfn") for i in range(cfg.n_nouns)}
+            words[c] = word
+        lex[lang] = {c: w[:1].upper() + w[1:] if spec["capital_nouns"] and c[0] == "N" else w
+                     for c, w in words.items()}
+        gender[lang] = {f"N{i}": lex_rng.choice("mfn") for i in range(cfg.n_nouns)}
 
-    def names(n, nsyl=(2, 3)):
-        out, seen = [], set()
-        while len(out) < n:
-            w = _word(rng, _NAME_SYL, rng.choice(nsyl)).capitalize()
-            if len(w) >= 3 and w not in seen and w not in taken:
-                seen.add(w); taken.add(w); out.append(w)
-        return out
     taken = set()
-    pools = {"first": names(cfg.n_first), "last": names(cfg.n_last), "loc": names(cfg.n_loc),
-             "org": names(cfg.n_org, (1, 2, 3)), "shared": names(cfg.n_shared)}
-    src = cfg.languages[0]
-    pools["word"] = [lex[src][f"N{i}"].capitalize()
-                     for i in rng.sample(range(23, cfg.n_nouns), cfg.n_wordnames)]
-    pools["loc2"] = [f"{rng.choice(pools['loc'])} {rng.choice(pools['loc'])}" for _ in range(30)]
-    exo = {}
-    for nm in pools["loc"]:
+
+    def new_names(n, n_syllables=(2, 3)):
+        """n capitalised names of at least 3 letters, none in another pool."""
+        out = []
+        while len(out) < n:
+            w = _word(rng, _SYLLABLES["names"], rng.choice(n_syllables)).capitalize()
+            if len(w) >= 3 and w not in taken:
+                taken.add(w); out.append(w)
+        return out
+    pools = {"first": new_names(cfg.n_first), "last": new_names(cfg.n_last), "place": new_names(cfg.n_loc),
+             "org": new_names(cfg.n_org, (1, 2, 3)), "last_or_place": new_names(cfg.n_shared)}
+    nouns = range(_TITLE_NOUNS.stop, cfg.n_nouns)  # the nouns that are no suffix or title
+    pools["common_word"] = [lex[cfg.languages[0]][f"N{i}"].capitalize() for i in rng.sample(nouns, cfg.n_wordnames)]
+    pools["two_word_place"] = [f"{rng.choice(pools['place'])} {rng.choice(pools['place'])}" for _ in range(30)]
+    exonyms = {}
+    for name in pools["place"]:
         if rng.random() < cfg.p_exonym:
             for lang in cfg.languages[1:]:
-                if rng.random() < .6:
-                    exo[(lang, nm)] = _mutate(nm, rng)
-    return dict(lex=lex, gender=gender, pools=pools, exo=exo, p_latin=cfg.p_keep_latin)
+                if rng.random() < .6:  # most other languages, not all, have a form of their own
+                    exonyms[(lang, name)] = _exonym(name, rng)
+    return dict(lex=lex, gender=gender, pools=pools, exonyms=exonyms, p_latin=cfg.p_keep_latin)
 
 
-def _name(world, lang, nm):
-    nm = world["exo"].get((lang, nm), nm)
-    return _translit(nm, _LANG[lang]["script"])
+def _local_name(world, lang, name):
+    """A name as `lang` writes it: its exonym there if it has one, in the language's script."""
+    return _translit(world["exonyms"].get((lang, name), name), _LANGUAGES[lang]["script"])
 
 
 # ----------------------------------------------------------------------------- abstract sentences
 
-
 def _entity(rng, world, typ):
-    P = world["pools"]
-    r = rng.random()
+    """An entity of type PER, ORG or LOC: its parts are ("name", a name) or ("word", a concept). Each type mixes its
+    usual forms with harder ones whose type only the context or a suffix tells: a name from another type's pool,
+    an acronym, a bare stem. The shares are set by hand."""
+    pools, r = world["pools"], rng.random()
+    name = lambda *of: ("name", rng.choice([n for pool in of for n in pools[pool]]))  # a name from these pools
     if typ == "PER":
-        if r < .5:
-            parts = [("nm", rng.choice(P["first"])), ("nm", rng.choice(P["last"]))]
-        elif r < .7:
-            parts = [("nm", rng.choice(P["last"]))]
-        elif r < .8:
-            parts = [("nm", rng.choice(P["first"]))]
-        elif r < .9:
-            parts = [("nm", rng.choice(P["first"])), ("nm", rng.choice(P["shared"] + P["word"]))]
-        else:
-            parts = [("nm", rng.choice(P["first"])), ("nm", rng.choice(P["first"])),
-                     ("nm", rng.choice(P["last"]))]
+        if r < .5:                                          # "Ann Smith"
+            parts = [name("first"), name("last")]
+        elif r < .7:                                        # "Smith"
+            parts = [name("last")]
+        elif r < .8:                                        # "Ann"
+            parts = [name("first")]
+        elif r < .9:                                        # a last name that is also a place or a word
+            parts = [name("first"), name("last_or_place", "common_word")]
+        else:                                               # "Ann Mary Smith"
+            parts = [name("first"), name("first"), name("last")]
     elif typ == "ORG":
-        suf = ("w", f"N{rng.choice(_ORGSUF)}")
-        if r < .3:
-            parts = [("nm", rng.choice(P["org"])), suf]
-        elif r < .45:
-            parts = [("nm", rng.choice(P["loc"] + P["shared"])), suf]
-        elif r < .55:
-            parts = [("nm", rng.choice(P["last"])), suf]
-        elif r < .7:
-            parts = [("nm", "".join(rng.choice("ABCDEFGHIKLMNOPRSTUV") for _ in range(rng.choice([2, 3, 3, 4]))))]
-        elif r < .9:
-            parts = [("nm", rng.choice(P["org"]))]
-        else:
-            parts = [("nm", rng.choice(P["word"]))] + ([suf] if rng.random() < .5 else [])
+        suffix = ("word", f"N{rng.choice(_ORG_NOUNS)}")
+        if r < .3:                                          # "Kanto Bank"
+            parts = [name("org"), suffix]
+        elif r < .45:                                       # a place's organisation: "Berlin University"
+            parts = [name("place", "last_or_place"), suffix]
+        elif r < .55:                                       # a person's: "Smith Group"
+            parts = [name("last"), suffix]
+        elif r < .7:                                        # an acronym: "KLM"
+            parts = [("name", "".join(rng.choice("ABCDEFGHIKLMNOPRSTUV") for _ in range(rng.choice([2, 3, 3, 4]))))]
+        elif r < .9:                                        # a bare stem: "Kanto"
+            parts = [name("org")]
+        else:                                               # a common word, with a suffix half the time
+            parts = [name("common_word")] + ([suffix] if rng.random() < .5 else [])
     else:
-        if r < .45:
-            parts = [("nm", rng.choice(P["loc"]))]
-        elif r < .6:
-            parts = [("w", "A0"), ("nm", rng.choice(P["loc"]))]
-        elif r < .75:
-            parts = [("nm", rng.choice(P["loc"])), ("w", f"N{rng.choice(_LOCSUF)}")]
-        elif r < .87:
-            parts = [("nm", rng.choice(P["shared"]))]
-        else:
-            parts = [("nm", n) for n in rng.choice(P["loc2"]).split()]
+        if r < .45:                                         # "Berlin"
+            parts = [name("place")]
+        elif r < .6:                                        # "New Berlin"
+            parts = [("word", "A0"), name("place")]
+        elif r < .75:                                       # "Berlin River"
+            parts = [name("place"), ("word", f"N{rng.choice(_PLACE_NOUNS)}")]
+        elif r < .87:                                       # a place that is also a last name
+            parts = [name("last_or_place")]
+        else:                                               # two stems: "San Remo"
+            parts = [("name", n) for n in rng.choice(pools["two_word_place"]).split()]
     return dict(kind="ent", type=typ, label=typ, parts=parts, latin=rng.random() < world["p_latin"])
 
 
-def _np(rng, world, cfg, typ, depth=0):
+def _phrase(rng, world, cfg, typ, depth=0):
+    """A noun phrase: an entity of type PER/ORG/LOC, or for N a common noun with an article (2 in 3), an adjective
+    (35%) and an "of" genitive holding an entity (30%; always at depth 1, as in "president of X"). Depth bounds the
+    nesting: only a top-level entity takes an apposition ("X, president of Y,": 6%)."""
     if typ != "N":
         e = _entity(rng, world, typ)
         if typ == "PER" and rng.random() < cfg.p_title:
-            e["title"] = f"N{rng.choice(_TITLES)}"
+            e["title"] = f"N{rng.choice(_TITLE_NOUNS)}"
         if depth == 0 and rng.random() < .06:
-            e["appos"] = _np(rng, world, cfg, "N", depth=1)
+            e["appos"] = _phrase(rng, world, cfg, "N", depth=1)
         return e
-    np = dict(kind="np", noun=f"N{rng.randrange(cfg.n_nouns)}", det=rng.choice(["def", "indef", None]),
-              adj=f"A{rng.randrange(cfg.n_adjs)}" if rng.random() < .35 else None)
-    if depth == 0 and rng.random() < .3 or depth == 1:
-        np["gen"] = _np(rng, world, cfg, rng.choice(["PER", "ORG", "LOC"]), depth + 1)
-    return np
+    phrase = dict(kind="np", noun=f"N{rng.randrange(cfg.n_nouns)}", det=rng.choice(["def", "indef", None]),
+                  adj=f"A{rng.randrange(cfg.n_adjs)}" if rng.random() < .35 else None)
+    if depth == 1 or depth == 0 and rng.random() < .3:
+        phrase["gen"] = _phrase(rng, world, cfg, rng.choice(["PER", "ORG", "LOC"]), depth + 1)
+    return phrase
 
 
 def _clause(rng, world, cfg):
-    vi = rng.randrange(len(_VERBS))
-    name, st, ot, pps, py = _VERBS[vi]
-    c = dict(verb=f"V_{name}_{rng.randrange(cfg.verbs_per_class)}",
-             subj=_np(rng, world, cfg, rng.choice(st)),
-             obj=_np(rng, world, cfg, rng.choice(ot)) if ot else None, pps=[],
+    """A clause of a random verb class (_VERBS): subject, object and prepositional phrases of its types, an adverb
+    (20%) and "in <year>" at the class's rate."""
+    verb, subj_types, obj_types, preps, p_year = _VERBS[rng.randrange(len(_VERBS))]
+    c = dict(verb=f"V_{verb}_{rng.randrange(cfg.verbs_per_class)}",
+             subj=_phrase(rng, world, cfg, rng.choice(subj_types)),
+             obj=_phrase(rng, world, cfg, rng.choice(obj_types)) if obj_types else None, pps=[],
              adv=f"R{rng.randrange(cfg.n_advs)}" if rng.random() < .2 else None)
-    for p, ts, pr in pps:
-        if rng.random() < pr:
-            c["pps"].append((p, _np(rng, world, cfg, rng.choice(ts))))
-    if rng.random() < py:
+    for prep, types, p in preps:
+        if rng.random() < p:
+            c["pps"].append((prep, _phrase(rng, world, cfg, rng.choice(types))))
+    if rng.random() < p_year:
         c["pps"].append(("in", dict(kind="num", text=str(rng.randint(1850, 2020)))))
     return c
 
 
 def _sentence(rng, world, cfg, noise=0.0):
+    """An abstract sentence: one or two clauses, or a fragment without context (as WikiANN has many): an entity
+    (45%), two joined by a comma (25%) or parentheses (15%), or a common noun phrase (15%)."""
     if rng.random() < cfg.p_fragment:
-        r = rng.random()
-        ts = ["PER", "ORG", "LOC"]
+        r, types = rng.random(), ["PER", "ORG", "LOC"]
         if r < .45:
-            s = dict(kind="frag", items=[_entity(rng, world, rng.choice(ts))], form="one")
+            s = dict(kind="frag", items=[_entity(rng, world, rng.choice(types))], form="one")
         elif r < .7:
-            s = dict(kind="frag", items=[_entity(rng, world, rng.choice(ts)) for _ in range(2)], form="comma")
+            s = dict(kind="frag", items=[_entity(rng, world, rng.choice(types)) for _ in range(2)], form="comma")
         elif r < .85:
-            s = dict(kind="frag", items=[_entity(rng, world, rng.choice(ts)) for _ in range(2)], form="paren")
+            s = dict(kind="frag", items=[_entity(rng, world, rng.choice(types)) for _ in range(2)], form="paren")
         else:
-            s = dict(kind="frag", items=[_np(rng, world, cfg, "N", 1)], form="one")
+            s = dict(kind="frag", items=[_phrase(rng, world, cfg, "N", 1)], form="one")
     else:
         s = dict(kind="sent", clauses=[_clause(rng, world, cfg)])
         if rng.random() < cfg.p_two_clauses:
@@ -758,6 +758,7 @@ def _sentence(rng, world, cfg, noise=0.0):
 
 
 def _add_noise(node, rng, p):
+    """Silver-standard labels: each entity's label becomes another type or O with probability p."""
     if isinstance(node, dict):
         if node.get("kind") == "ent" and rng.random() < p:
             node["label"] = rng.choice([t for t in ("PER", "ORG", "LOC", "O") if t != node["type"]])
@@ -770,102 +771,103 @@ def _add_noise(node, rng, p):
 
 # ----------------------------------------------------------------------------- rendering
 
+class _Renderer:
+    """Renders abstract sentences into (token, tag) lists in one language. Code-switched: with `switch_lang`, each
+    word and name comes from that language with probability p_switch (drawn from `rng`)."""
 
-class _R:
-    """Renders abstract sentences into one language (optionally code-switched)."""
+    def __init__(self, world, lang, switch_lang=None, p_switch=0.0, rng=None):
+        self.world, self.lang, self.spec = world, lang, _LANGUAGES[lang]
+        self.switch_lang, self.p_switch, self.rng = switch_lang, p_switch, rng
 
-    def __init__(self, world, lang, cs_lang=None, p_cs=0.0, rng=None):
-        self.w, self.lang, self.spec = world, lang, _LANG[lang]
-        self.cs, self.p_cs, self.rng = cs_lang, p_cs, rng
+    def _pick_lang(self):
+        return self.switch_lang if self.switch_lang and self.rng.random() < self.p_switch else self.lang
 
-    def _lx(self, c):
-        lang = self.cs if self.cs and self.rng.random() < self.p_cs else self.lang
-        return self.w["lex"][lang][c]
+    def word(self, concept):
+        return self.world["lex"][self._pick_lang()][concept]
 
-    def _nm(self, nm, latin=False):
-        lang = self.cs if self.cs and self.rng.random() < self.p_cs else self.lang
-        return nm if latin else _name(self.w, lang, nm)
+    def name(self, name, latin=False):
+        lang = self._pick_lang()
+        return name if latin else _local_name(self.world, lang, name)
 
-    def ent(self, e):
+    def entity(self, e):
         toks = []
-        for k, v in e["parts"]:
-            if k == "nm":
-                toks.extend(self._nm(v, e["latin"]).split())
-            else:
-                toks.append(self._lx(v))
-        if self.lang == "ru" and e["parts"][-1][0] == "w" and e["type"] == "LOC":
+        for kind, v in e["parts"]:
+            toks += self.name(v, e["latin"]).split() if kind == "name" else [self.word(v)]
+        if self.lang == "ru" and e["parts"][-1][0] == "word" and e["type"] == "LOC":
             toks = toks[-1:] + toks[:-1]               # "река X" instead of "X River"
         if self.spec["script"] != "kana":
             toks = [t[:1].upper() + t[1:] for t in toks]
-        lab = e["label"]
-        out = [(t, "O" if lab == "O" else ("B-" if i == 0 else "I-") + lab) for i, t in enumerate(toks)]
+        label = e["label"]
+        out = [(t, "O" if label == "O" else ("B-" if i == 0 else "I-") + label) for i, t in enumerate(toks)]
         if "title" in e:
-            t = (self._lx(e["title"]), "O")
+            t = (self.word(e["title"]), "O")
             out = out + [t] if self.spec["order"] == "SOV" else [t] + out
         if "appos" in e:
-            comma = (_PUNCT.get(self.spec["script"], (".", ","))[1], "O")
-            out = out + [comma] + self.np(e["appos"]) + [comma]
+            comma = (_PUNCTUATION.get(self.spec["script"], (".", ","))[1], "O")
+            out = out + [comma] + self.phrase(e["appos"]) + [comma]
         return out
 
-    def np(self, n):
+    def phrase(self, n):
         if n["kind"] == "ent":
-            return self.ent(n)
+            return self.entity(n)
         if n["kind"] == "num":
             return [(n["text"], "O")]
-        art, out = self.spec["art"], []
-        if n["det"] and art == "en":
-            out.append((self._lx("F_" + n["det"]), "O"))
-        elif n["det"] and art == "de":
-            out.append((self._lx(f"F_{n['det']}_{self.w['gender'][self.lang][n['noun']]}"), "O"))
-        elif n["det"] == "indef" and art == "tr":
-            out.append((self._lx("F_indef"), "O"))
+        articles, out = self.spec["articles"], []
+        if n["det"] and articles == "en":
+            out.append((self.word("F_" + n["det"]), "O"))
+        elif n["det"] and articles == "de":
+            out.append((self.word(f"F_{n['det']}_{self.world['gender'][self.lang][n['noun']]}"), "O"))
+        elif n["det"] == "indef" and articles == "tr":
+            out.append((self.word("F_indef"), "O"))
         if n["adj"]:
-            out.append((self._lx(n["adj"]), "O"))
-        out.append((self._lx(n["noun"]), "O"))
+            out.append((self.word(n["adj"]), "O"))
+        out.append((self.word(n["noun"]), "O"))
         if "gen" in n:
-            g = self.np(n["gen"])
-            if self.spec["adp"] == "pre":
-                out = out + [(self._lx("P_of"), "O")] + g
+            g = self.phrase(n["gen"])
+            if self.spec["adposition"] == "pre":
+                out = out + [(self.word("P_of"), "O")] + g
             else:
-                out = self.pp("of", g) + out
+                out = self.adposition("of", g) + out
         return out
 
-    def pp(self, p, toks):
-        w = self._lx("P_" + p)
-        if self.spec["adp"] == "pre":
+    def adposition(self, prep, toks):
+        """toks with the preposition `prep` as this language puts it: before, after, or as a suffix."""
+        w = self.word("P_" + prep)
+        if self.spec["adposition"] == "pre":
             return [(w, "O")] + toks
-        if self.spec["adp"] == "post":
+        if self.spec["adposition"] == "post":
             return toks + [(w, "O")]
-        return self._suffix(toks, w)                   # Turkish-style suffix: "Ankara'da"
+        return self.suffixed(toks, w)                  # Turkish-style suffix: "Ankara'da"
 
-    def _suffix(self, toks, w):
+    def suffixed(self, toks, w):
+        """toks with w joined to the last word (an apostrophe after a name or a number)."""
         i = max(j for j, (t, _) in enumerate(toks) if t not in ",、()" or j == 0)
         t, tag = toks[i]
         sep = "'" if tag != "O" or t[:1].isupper() or t.isdigit() else ""
         return toks[:i] + [(t + sep + w, tag)] + toks[i + 1:]
 
     def clause(self, c):
-        S = self.np(c["subj"])
-        V = [(self._lx(c["verb"]), "O")]
-        O = self.np(c["obj"]) if c["obj"] else []
-        PP = [t for p, n in c["pps"] for t in self.pp(p, self.np(n))]
-        A = [(self._lx(c["adv"]), "O")] if c["adv"] else []
-        o = self.spec["order"]
-        if o == "SOV":
+        S = self.phrase(c["subj"])
+        V = [(self.word(c["verb"]), "O")]
+        O = self.phrase(c["obj"]) if c["obj"] else []
+        PP = [t for p, n in c["pps"] for t in self.adposition(p, self.phrase(n))]
+        A = [(self.word(c["adv"]), "O")] if c["adv"] else []
+        order = self.spec["order"]
+        if order == "SOV":
             if self.lang == "ja":
-                S = S + [(self._lx("F_subj"), "O")]
-                O = O + [(self._lx("F_obj"), "O")] if O else O
+                S = S + [(self.word("F_subj"), "O")]
+                O = O + [(self.word("F_obj"), "O")] if O else O
             elif O:
-                O = self._suffix(O, self._lx("F_obj"))
+                O = self.suffixed(O, self.word("F_obj"))
             return A + S + PP + O + V
-        if o == "V2" and A:
+        if order == "V2" and A:
             return A + V + S + O + PP
         return S + V + O + PP + A
 
     def render(self, s):
-        end, comma = _PUNCT.get(self.spec["script"], (".", ","))
+        end, comma = _PUNCTUATION.get(self.spec["script"], (".", ","))
         if s["kind"] == "frag":
-            items = [self.np(x) for x in s["items"]]
+            items = [self.phrase(x) for x in s["items"]]
             if s["form"] == "one":
                 return items[0]
             if s["form"] == "comma":
@@ -874,7 +876,7 @@ class _R:
         out = []
         for i, c in enumerate(s["clauses"]):
             if i:
-                out += [(comma, "O"), (self._lx("F_and"), "O")]
+                out += [(comma, "O"), (self.word("F_and"), "O")]
             out += self.clause(c)
         out.append((end, "O"))
         t, tag = out[0]
@@ -885,38 +887,35 @@ class _R:
 
 # ----------------------------------------------------------------------------- files
 
-
 def make_world(out_dir, cfg=None):
-    """Write {train,dev,test}-{lang}.tsv (PAN-X format) and unlabeled.txt into out_dir."""
+    """Write a world into out_dir: {train,dev,test}-{lang}.tsv (PAN-X format; no test split for cfg.priming_only)
+    and unlabeled.txt (each language's monolingual and code-switched lines, en-X parallel pairs, shuffled)."""
     cfg = cfg or WorldConfig()
     os.makedirs(out_dir, exist_ok=True)
     world = _build_world(cfg)
     for split, n in (("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)):
         for lang in [l for l in cfg.languages if split != "test" or l not in cfg.priming_only]:
-            rng = random.Random(f"{split}-{cfg.seed}-{lang}")
-            r = _R(world, lang)
-            lines = []
+            rng, renderer, lines = random.Random(f"{split}-{cfg.seed}-{lang}"), _Renderer(world, lang), []
             for _ in range(n):
-                for t, tag in r.render(_sentence(rng, world, cfg, cfg.label_noise)):
+                for t, tag in renderer.render(_sentence(rng, world, cfg, cfg.label_noise)):
                     lines.append(f"{lang}:{t}\t{tag}\n")
                 lines.append("\n")
             with open(os.path.join(out_dir, f"{split}-{lang}.tsv"), "w", encoding="utf-8", newline="\n") as f:
                 f.writelines(lines)
     rng = random.Random(f"unlabeled-{cfg.seed}")
-    lines, src = [], cfg.languages[0]
-    line = lambda toks: " ".join(t for t, _ in toks)
+    lines, source = [], _Renderer(world, cfg.languages[0])
+    text = lambda toks: " ".join(t for t, _ in toks)
     for lang in cfg.languages:
-        r = _R(world, lang)
-        lines += [line(r.render(_sentence(rng, world, cfg))) for _ in range(cfg.n_unlabeled)]
-        others = [x for x in cfg.languages if x != lang]
+        renderer, others = _Renderer(world, lang), [x for x in cfg.languages if x != lang]
+        lines += [text(renderer.render(_sentence(rng, world, cfg))) for _ in range(cfg.n_unlabeled)]
         for _ in range(cfg.n_codeswitch):
-            cs = _R(world, lang, rng.choice(others), cfg.p_codeswitch_word, rng)
-            lines.append(line(cs.render(_sentence(rng, world, cfg))))
-        if lang != src:
+            switcher = _Renderer(world, lang, rng.choice(others), cfg.p_codeswitch_word, rng)
+            lines.append(text(switcher.render(_sentence(rng, world, cfg))))
+        if lang != cfg.languages[0]:
             for _ in range(cfg.n_parallel):
                 s = _sentence(rng, world, cfg)
-                pair = [line(_R(world, src).render(s)), line(r.render(s))]
-                if rng.random() < .5:
+                pair = [text(source.render(s)), text(renderer.render(s))]
+                if rng.random() < .5:  # either side first
                     pair.reverse()
                 lines.append(" ".join(pair))
     rng.shuffle(lines)

@@ -31,24 +31,22 @@ class PrimeConfig:
     """Priming hyper-parameters. mode: prime (the paper) | maml (inner loop = full fine-tuning) |
     multitask (plain training of theta and phi on the priming data) | none (no priming stage)."""
     mode: str = "prime"
-    inner_steps: int = 1             # K simulated PEFT steps per task
-    # alpha: plain SGD on a fresh head moves its logits by about alpha * hidden * |grad| per step, which is
-    # O(0.1-1) at hidden 768 for alpha 1e-3: the inner step matters but does not overshoot.
-    inner_lr: float = 1e-3
-    meta_sgd: bool = False           # learn one inner lr per adapted tensor (Meta-SGD), starting at inner_lr
-    first_order: bool = False        # drop the inner loop's second derivatives (FOMAML)
-    # Truncated back-propagation: only the last N inner steps are second order, the earlier ones first order (their
-    # gradients are constants: theta's influence through them is dropped, phi0's gradient passes as in first_order).
-    inner_backprop: int = 0          # N; 0 = all K steps (second order unless first_order)
-    # adam: torch.optim.AdamW's update, functional, with fresh moments per task, as the downstream fine-tuning's
-    # make_optimizer (its lr is train.py's --finetune-lr). sgd: phi - alpha * grad, no decay.
-    inner_opt: str = "sgd"           # sgd | adam
+    # The defaults are the recipe the study selected (study/README.md), at xlm-roberta-base's learning rates: the inner
+    # loop simulates the downstream fine-tuning as it is run, K AdamW steps at its lr, each on a new support batch.
+    inner_steps: int = 20            # K simulated PEFT steps per task
+    inner_opt: str = "adam"          # adam: torch.optim.AdamW's update, functional, fresh moments per task | sgd
+    inner_lr: float = 5e-4           # alpha: the downstream PEFT lr (plain SGD needs a far larger one)
     inner_betas: tuple[float, float] = (0.9, 0.999)
     inner_eps: float = 1e-8
     inner_weight_decay: float = 0.01  # adam only: decoupled, on matrices, as make_optimizer
-    # Real fine-tuning sees a new batch each step: the support batch is split by rows into this many batches that
-    # the inner steps cycle through (1: every step sees the whole support batch).
-    support_batches: int = 1
+    # The support batch is split by rows into this many batches that the inner steps cycle through, as fine-tuning sees
+    # a new batch each step (1: every step sees the whole support batch).
+    support_batches: int = 20
+    meta_sgd: bool = False           # learn one inner lr per adapted tensor (Meta-SGD), starting at inner_lr
+    first_order: bool = True         # drop the inner loop's second derivatives (FOMAML)
+    # Truncated back-propagation: only the last N inner steps are second order, the earlier ones first order (their
+    # gradients are constants: theta's influence through them is dropped, phi0's gradient passes as in first_order).
+    inner_backprop: int = 0          # N; 0 = all K steps (second order unless first_order)
     outer: str = "theta"             # theta | theta+phi: the outer loop also meta-learns phi's initialisation
     phi_start: str = "fresh"         # fresh: each task starts from a new draw, as downstream PEFT | meta: from phi0
     freeze_embeddings: bool = False  # keep the embedding layer fixed during priming

@@ -85,7 +85,7 @@ class PeftConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: tuple = ("query", "value")  # any of: query key value attn_out ffn_in ffn_out
+    lora_targets: tuple = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")  # any of these projections
     adapter_size: int = 64
     adapter_act: str = "relu"  # relu | gelu | tanh
 

@@ -1,5 +1,7 @@
 """Tests for metapeft. transformers, peft and seqeval appear here only, as reference implementations."""
 import functools
+import hashlib
+import importlib
 import json
 import math
 import os
@@ -406,9 +408,53 @@ def test_data_bad_input_raises(tmp_path, name, text, lang, msg):
     assert "\n" not in str(e.value)
 
 
+def test_data_validation_is_the_dev_split_in_language_folders(tmp_path):  # a Hugging Face `datasets` export
+    rec = lambda word, tag: json.dumps({"tokens": [word], "ner_tags": [tag]})
+    _write(tmp_path / "en" / "train.jsonl", rec("a", "O"))
+    _write(tmp_path / "en" / "validation.jsonl", rec("b", "B-PER"))
+    _write(tmp_path / "de" / "test.jsonl", rec("c", "O"))
+    assert data.languages(tmp_path, "dev") == ["en"]
+    assert data.languages(tmp_path, "train") == ["en"] and data.languages(tmp_path, "test") == ["de"]
+    assert data.split_path(tmp_path, "dev", "en") == tmp_path / "en" / "validation.jsonl"
+    assert data.read_split(tmp_path, "dev", "en") == [Sentence(["b"], ["B-PER"], "en")]
+    assert data.read_split(tmp_path, "test", "de") == [Sentence(["c"], ["O"], "de")]
+    with pytest.raises(DataError, match="no dev split for 'de'"):
+        data.read_split(tmp_path, "dev", "de")
+
+
+@pytest.mark.parametrize("name", ["validation-en.tsv", "validation-en.jsonl", "valid-en.tsv", "val-en.tsv"])
+def test_data_validation_is_the_dev_split_in_the_flat_layout(tmp_path, name):
+    text = "en:b\tB-PER\n" if name.endswith(".tsv") else json.dumps({"tokens": ["b"], "ner_tags": [1], "lang": "en"})
+    _write(tmp_path / name, text)
+    _write(tmp_path / "train-en.tsv", "en:a\tO\n")
+    _write(tmp_path / "train-de.jsonl", json.dumps({"tokens": ["c"], "ner_tags": [0]}))
+    assert data.languages(tmp_path, "dev") == ["en"]
+    assert data.languages(tmp_path, "train") == ["de", "en"]
+    assert data.read_split(tmp_path, "dev", "en") == [Sentence(["b"], ["B-PER"], "en")]
+    assert data.read_split(tmp_path, "train", "de") == [Sentence(["c"], ["O"], "de")]
+
+
+def test_data_dev_split_under_two_names_is_ambiguous(tmp_path):
+    _write(tmp_path / "en" / "dev.tsv", "a O\n")
+    _write(tmp_path / "en" / "validation.jsonl", json.dumps({"tokens": ["a"], "ner_tags": [0]}))
+    _write(tmp_path / "validation-de.tsv", "de:a\tO\n")
+    _write(tmp_path / "de" / "dev.conll", "a O\n")
+    assert data.languages(tmp_path, "dev") == ["de", "en"]
+    for lang, files in (("en", r"en/dev\.tsv and en/validation\.jsonl"), ("de", r"validation-de\.tsv and de/dev\.conll")):
+        with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}: the dev split of '{lang}' is ambiguous: "
+                                            rf"{files} \(expected one file\)$"):
+            data.read_split(tmp_path, "dev", lang)
+
+
 def test_data_missing_split_and_unknown_label(tmp_path):
-    with pytest.raises(DataError, match=r"no dev split for 'xx'; tried .*dev-xx\.tsv.*xx/dev\.jsonl"):
+    with pytest.raises(DataError) as e:  # one line naming the folder and the file names looked for
         data.read_split(tmp_path, "dev", "xx")
+    assert str(e.value) == (f"no dev split for 'xx' in {tmp_path}; looked for {{dev,validation,valid,val}}-xx."
+                            "{tsv,jsonl} and xx/{dev,validation,valid,val}.{tsv,txt,conll,jsonl,json}")
+    with pytest.raises(DataError) as e:
+        data.split_path(tmp_path, "train", "xx")
+    assert str(e.value) == (f"no train split for 'xx' in {tmp_path}; looked for train-xx.{{tsv,jsonl}} and "
+                            "xx/train.{tsv,txt,conll,jsonl,json}")
     sents = [Sentence(["a", "b"], ["B-PER", "B-MISC"], "en")]
     with pytest.raises(DataError, match="test-de: sentence 1: label 'B-MISC' is not one of"):
         data.check_labels(sents, ["O", "B-PER", "I-PER"], "test-de")
@@ -696,6 +742,13 @@ def tiny_model(method="lora", dtype=torch.float64, seed=0):
     return model
 
 
+def prime_cfg(**kw):
+    """A PrimeConfig of one second-order SGD step on the whole support batch, unless kw says otherwise: the tests'
+    base case (the dataclass's defaults are the recipe for real runs)."""
+    return mp.PrimeConfig(**{"inner_opt": "sgd", "inner_steps": 1, "inner_lr": 1e-3, "first_order": False,
+                             "support_batches": 1} | kw)
+
+
 def random_batch(gen, size=3, length=7):
     ids = torch.randint(3, TINY_CFG["vocab_size"], (size, length), generator=gen)
     ids[:, 0], ids[:, -1] = 0, 2
@@ -726,7 +779,7 @@ def test_prime_second_order_matches_finite_differences(method, K, meta_sgd, opt)
     model = tiny_model(method)
     # Adam's step is about lr * sign(g) where |g| >> eps: too curved for finite differences at the tiny model's
     # ~1e-3 gradients unless eps is large (test_prime_inner_adam_is_torch_adamw checks the step at eps 1e-8).
-    cfg = mp.PrimeConfig(inner_steps=K, inner_lr=0.5 if opt == "sgd" else 0.05, meta_sgd=meta_sgd, outer="theta+phi",
+    cfg = prime_cfg(inner_steps=K, inner_lr=0.5 if opt == "sgd" else 0.05, meta_sgd=meta_sgd, outer="theta+phi",
                          phi_start="meta", inner_opt=opt, inner_eps=0.1, inner_weight_decay=0.1)
     support, query = task()
     x = [*theta_phi(model), mp.make_inner_lrs(model, cfg) or {}]  # the meta-parameters: theta, phi0, inner lrs
@@ -765,7 +818,7 @@ def test_prime_first_order_is_query_gradient_at_adapted_phi(opt, K, n):
     """The first-order meta-gradient is the query gradient at phi adapted by torch's own optimizer, here with n
     support batches (one batch of n x 3 rows for task_loss) used in turn by the inner steps."""
     model = tiny_model()
-    cfg = mp.PrimeConfig(inner_steps=K, inner_lr=0.5 if opt == "sgd" else 0.02, first_order=True, outer="theta+phi",
+    cfg = prime_cfg(inner_steps=K, inner_lr=0.5 if opt == "sgd" else 0.02, first_order=True, outer="theta+phi",
                          phi_start="meta", inner_opt=opt, support_batches=n)
     gen = torch.Generator().manual_seed(1)
     supports, query = [random_batch(gen) for _ in range(n)], random_batch(gen)
@@ -786,7 +839,7 @@ def test_prime_inner_adam_is_torch_adamw():
     (w.r.t. the start, every gradient and the lr) match finite differences."""
     gen = torch.Generator().manual_seed(0)
     start = {"w": torch.randn(4, 3, generator=gen, dtype=torch.float64), "b": torch.randn(3, generator=gen, dtype=torch.float64)}
-    cfg = mp.PrimeConfig(inner_opt="adam", inner_lr=0.1, inner_betas=(0.8, 0.99), inner_eps=1e-6, inner_weight_decay=0.3)
+    cfg = prime_cfg(inner_opt="adam", inner_lr=0.1, inner_betas=(0.8, 0.99), inner_eps=1e-6, inner_weight_decay=0.3)
     ref = {n: p.clone() for n, p in start.items()}
     opt = mp.make_optimizer(ref, cfg.inner_lr, cfg.inner_weight_decay)
     for group in opt.param_groups:
@@ -811,7 +864,7 @@ def test_prime_inner_adam_is_torch_adamw():
                                               *inputs[1:]), rtol=1e-4)
     model = tiny_model()  # a fresh phi: LoRA B = 0, so A's first inner gradient is zero (sqrt's gradient at 0)
     theta = theta_phi(model)[0]
-    cfg = mp.PrimeConfig(inner_steps=2, inner_opt="adam", inner_lr=2e-3)
+    cfg = prime_cfg(inner_steps=2, inner_opt="adam", inner_lr=2e-3)
     g = grads(mp.task_loss(model, theta, fresh_phi(model), *task(), cfg), theta.values())
     assert all(x.isfinite().all() for x in g) and max(x.abs().max() for x in g) > 0
 
@@ -821,7 +874,7 @@ def test_prime_truncated_backprop(opt):
     """inner_backprop = K is full second order; N < K makes the first K - N steps first order: for SGD, the
     full second-order gradient of N steps from phi_{K-N} = phi0 + (a constant)."""
     model = tiny_model()
-    cfg = mp.PrimeConfig(inner_steps=3, inner_lr=0.5 if opt == "sgd" else 0.05, outer="theta+phi", phi_start="meta",
+    cfg = prime_cfg(inner_steps=3, inner_lr=0.5 if opt == "sgd" else 0.05, outer="theta+phi", phi_start="meta",
                          inner_opt=opt)
     support, query = task()
     theta, phi0 = theta_phi(model)
@@ -845,7 +898,7 @@ def test_prime_inner_loop_adapts_phi_only_and_never_writes_the_model(mode, monke
     before = {n: (p.detach().clone(), p._version) for n, p in model.named_parameters()}
     passes, ce_loss = [], mp.ce_loss
     monkeypatch.setattr(mp, "ce_loss", lambda m, params, b: passes.append(params) or ce_loss(m, params, b))
-    cfg = mp.PrimeConfig(mode=mode, inner_steps=2, inner_lr=0.5, outer="theta+phi", phi_start="meta")
+    cfg = prime_cfg(mode=mode, inner_steps=2, inner_lr=0.5, outer="theta+phi", phi_start="meta")
     mp.meta_loss(model, [task()], cfg).backward()
     adapted, (theta, phi) = passes[-1], theta_phi(model)  # the last pass is the query's
     for n, t in theta.items():
@@ -860,8 +913,8 @@ def test_prime_zero_inner_steps_is_multitask_on_the_query_batches():
     model = tiny_model()
     tasks = [task(1), task(2)]
     params = list(model.parameters())
-    prime = grads(mp.meta_loss(model, tasks, mp.PrimeConfig(inner_steps=0, phi_start="meta")), params)
-    multitask = grads(mp.meta_loss(model, [(q, q) for _, q in tasks], mp.PrimeConfig(mode="multitask")), params)
+    prime = grads(mp.meta_loss(model, tasks, prime_cfg(inner_steps=0, phi_start="meta")), params)
+    multitask = grads(mp.meta_loss(model, [(q, q) for _, q in tasks], prime_cfg(mode="multitask")), params)
     assert max_diff(prime, multitask) < 1e-10
 
 
@@ -869,7 +922,7 @@ def test_prime_zero_inner_steps_is_multitask_on_the_query_batches():
 def test_prime_word_embedding_gradient_is_row_sparse_and_steps_are_exact(mode):
     """meta_loss gives the word embeddings a row-sparse gradient (dense in maml, whose inner loop adapts them) with
     the numbers of the dense one, nonzero on the meta-batch's tokens only; step() then takes the same AdamW steps."""
-    cfg = mp.PrimeConfig(mode=mode, inner_steps=1, inner_lr=0.5, phi_start="meta", lr=1e-2)
+    cfg = prime_cfg(mode=mode, inner_steps=1, inner_lr=0.5, phi_start="meta", lr=1e-2)
     tasks = [task(1), task(2)]
 
     def dense_loss(model):  # meta_loss written out without it
@@ -931,7 +984,7 @@ def test_prime_attention_kernels(monkeypatch):
                         lambda *a, **k: fused_enabled.append(torch.backends.cuda.flash_sdp_enabled()) or sdpa(*a, **k))
     params = list(model.parameters())
     for first_order, expected in ((False, [False, False, True, True]), (True, [True] * 4)):
-        cfg = mp.PrimeConfig(inner_steps=1, inner_lr=0.5, first_order=first_order, phi_start="meta")
+        cfg = prime_cfg(inner_steps=1, inner_lr=0.5, first_order=first_order, phi_start="meta")
         fused_enabled.clear()
         auto = grads(mp.task_loss(model, theta, phi, support, query, cfg), params)
         assert fused_enabled == expected  # two layers: support pass, then query pass
@@ -955,7 +1008,7 @@ def test_prime_config_validation():
 
 def test_prime_outer_update_helpers():
     model = tiny_model()
-    cfg = mp.PrimeConfig(freeze_embeddings=True, meta_sgd=True, inner_lr=0.1, lr=1e-2, warmup=2)
+    cfg = prime_cfg(freeze_embeddings=True, meta_sgd=True, inner_lr=0.1, lr=1e-2, warmup=2)
     lrs = mp.make_inner_lrs(model, cfg)
     assert set(lrs) == {n for n in dict(model.named_parameters()) if is_peft(n) or is_head(n)}
     params = mp.outer_params(model, cfg, lrs)
@@ -1034,7 +1087,7 @@ def test_prime_short_run_lowers_query_loss_and_saves(tmp_path):
     torch.manual_seed(0)
     Model(Config(**{**TINY_CFG, "vocab_size": tok.get_vocab_size()})).save_pretrained(tmp_path / "plm")
     model = load_pretrained(tmp_path / "plm", labels=NER_LABELS, peft=PeftConfig(lora_r=4))
-    cfg = mp.PrimeConfig(inner_lr=0.3, lr=3e-3, warmup=3)
+    cfg = prime_cfg(inner_lr=0.3, lr=3e-3, warmup=3)
     episodes = data.EpisodeConfig(source_langs=("aa",), support_size=8, query_size=8, tasks_per_step=2)
     held_out = data.episodes(held, episodes, pad, seed=1, step=0)
 
@@ -1071,7 +1124,7 @@ def test_prime_short_run_lowers_query_loss_and_saves(tmp_path):
 
 def test_bench_meta_steps_agree_with_the_reference(tmp_path, capsys):
     """bench/run.py's variants at a tiny size: ours and the transformers + peft reference take the meta-step with the
-    same gradient norm (first and second order), and the encoders agree."""
+    same gradient norm (first and second order, and the recipe's 20 inner AdamW steps), and the encoders agree."""
     import argparse
     import importlib.util
     path = os.path.join(os.path.dirname(__file__), "bench", "run.py")
@@ -1082,12 +1135,13 @@ def test_bench_meta_steps_agree_with_the_reference(tmp_path, capsys):
                 ckpt=str(tmp_path))
     bench.write_checkpoints(argparse.Namespace(**args), tmp_path)
     out = {}
-    for name in ("parity", "meta_ours_1", "meta_reference_1", "meta_ours_2", "meta_reference_2"):
+    for name in ("parity", "meta_ours_1", "meta_reference_1", "meta_ours_2", "meta_reference_2", "recipe_ours",
+                 "recipe_reference"):
         bench.child(argparse.Namespace(**args, child=name))
         out[name] = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert out["parity"]["parity_fp32_max_abs_diff"] < 1e-5
-    for order in (1, 2):
-        ours, ref = (out[f"meta_{who}_{order}"]["grad_norm_first"] for who in ("ours", "reference"))
+    for variant in ("meta_{}_1", "meta_{}_2", "recipe_{}"):
+        ours, ref = (out[variant.format(who)]["grad_norm_first"] for who in ("ours", "reference"))
         assert ours == pytest.approx(ref, rel=1e-5) and ours > 0
 
 
@@ -1097,6 +1151,7 @@ import train  # noqa: E402
 
 TINY_RUN = ["--tiny-hidden", "32", "--tiny-layers", "1", "--max-len", "48", "--batch-size", "8", "--tasks", "2",
             "--support-size", "4", "--query-size", "4", "--ckpt-every", "2", "--eval-batch-size", "16",
+            "--inner-steps", "2", "--support-batches", "2",  # the default inner loop, shortened
             "--jobs", "1"]  # experiment in this process: spawned cells would not see the tests' monkeypatches
 
 
@@ -1160,7 +1215,7 @@ def weights(folder):
 
 @pytest.mark.parametrize("stage, extra", [("prime", ["--prime-steps", 6, "--meta-sgd"]),
                                           ("prime", ["--prime-steps", 6, "--inner-opt", "adam", "--inner-steps", 2,
-                                                     "--inner-backprop", 1, "--support-batches", 2]),
+                                                     "--no-first-order", "--inner-backprop", 1, "--support-batches", 2]),
                                           ("finetune", ["--finetune-steps", 6, "--eval-every", 2])])
 def test_train_resume_after_a_kill_is_bit_identical(tiny_testbed, tmp_path, monkeypatch, stage, extra):
     model, world = tiny_testbed
@@ -1366,7 +1421,8 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
     ("--mode reptile", lambda m, w, t: ["--mode", "reptile"], "argument --mode: invalid choice: 'reptile'", True),
     ("--methods", lambda m, w, t: ["--stage", "experiment", "--methods", "none,best"], "unknown method 'best'", True),
     ("--outer", lambda m, w, t: ["--outer", "theta+phi"], "--outer='theta+phi' needs --phi-start='meta'", True),
-    ("--inner-backprop", lambda m, w, t: ["--inner-backprop", 2], "--inner-backprop must be in [0, --inner-steps=1]",
+    ("--inner-backprop", lambda m, w, t: ["--inner-steps", 1, "--no-first-order", "--inner-backprop", 2],
+     "--inner-backprop must be in [0, --inner-steps=1]",
      True),
     ("--lora-targets", lambda m, w, t: ["--lora-targets", "query,foo"], "--lora-targets must be among", True),
     ("list with a repeat", lambda m, w, t: ["--eval-langs", "de,de"],
@@ -1459,11 +1515,62 @@ def test_train_overlap_warning(tiny_testbed, tmp_path, capsys):
 
 
 def test_train_inner_optimizer_flags():
-    for argv, opt, lr, decay in ((["--inner-opt", "adam"], "adam", 5e-3, 0.01), ([], "sgd", 0.3, 0.01),
-                                 (["--inner-opt", "adam", "--finetune-lr", "1e-3", "--weight-decay", "0"], "adam", 1e-3, 0),
-                                 (["--inner-opt", "adam", "--inner-lr", "0.1"], "adam", 0.1, 0.01)):
+    for argv, opt, lr, decay in ((["--data", "panx"], "adam", 5e-4, 0.01), ([], "adam", 5e-3, 0.01),  # testbed preset
+                                 (["--finetune-lr", "1e-3", "--weight-decay", "0"], "adam", 5e-3, 0),  # its own flag
+                                 (["--inner-opt", "sgd", "--inner-lr", "0.3"], "sgd", 0.3, 0.01)):
         cfg = train.prime_config(train.parse_args(argv), "prime")
         assert (cfg.inner_opt, cfg.inner_lr, cfg.inner_weight_decay) == (opt, lr, decay)
+
+
+def test_train_defaults_are_primeconfig_and_peftconfig_and_the_readme_recipe():
+    """One source of truth: the CLI's defaults are the dataclasses' (real data), the testbed preset changes only the
+    flags it names, and the README's recipe table shows exactly these values."""
+    real, testbed = train.parse_args(["--data", "panx"]), train.parse_args([])
+    assert real.presets == [] and testbed.presets == ["testbed"]
+    cfg, peft = train.prime_config(real, "prime"), train.peft_config(real)
+    assert cfg == mp.PrimeConfig() and peft == PeftConfig()
+    assert real.finetune_lr == cfg.inner_lr  # the inner loop simulates the downstream fine-tuning
+    assert {k for k in vars(real) if getattr(real, k) != getattr(testbed, k)} == set(train.PRESETS["testbed"]) | {
+        "presets", "data"}
+    readme = (Path(train.__file__).parent / "README.md").read_text()
+    rows = {m[1]: (m[2], m[3]) for m in re.finditer(r"^\| `(--[\w-]+)` \| ([^|]+) \| ([^|]+) \|", readme, re.M)}
+    flags = ["--inner-opt", "--inner-steps", "--support-batches", "--first-order", "--inner-lr", "--finetune-lr",
+             "--prime-lr", "--prime-warmup", "--prime-steps", "--lora-targets", "--lora-r"]
+    assert set(flags) <= set(rows), sorted(set(flags) - set(rows))
+    for flag in flags:
+        value = lambda a: getattr(a, flag[2:].replace("-", "_"))
+        shown = lambda v: v.strip().strip("`")
+        assert [shown(v) for v in rows[flag]] == [str(value(a)).replace("True", "on") for a in (real, testbed)], flag
+
+
+def test_train_resume_under_torchrun_with_more_processes_than_the_default_tasks(tmp_path, monkeypatch):
+    argv = ["--stage", "prime", "--tasks", "8", "--out", str(tmp_path / "run")]
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    train.start_run(train.parse_args(argv), "prime")
+    assert train.start_run(train.parse_args(argv + ["--resume"]), "prime") == tmp_path / "run"  # no `--tasks 4` error
+
+
+def test_requirements_name_a_torch_that_has_every_api_used():
+    """requirements.txt's torch floor is at least the release that brought each newer torch API the code calls."""
+    since = {"torch.nn.utils.get_total_norm": (2, 6), "torch.nn.attention.sdpa_kernel": (2, 3),
+             "torch.func.functional_call": (2, 0)}
+    here = Path(train.__file__).parent
+    source = "".join((here / f).read_text() for f in ("metapeft.py", "model.py", "train.py", "data.py"))
+    for api in since:
+        module, name = api.rsplit(".", 1)
+        assert name in source and hasattr(importlib.import_module(module), name)
+    floor = re.search(r"^torch>=(\d+)\.(\d+)", (here / "requirements.txt").read_text(), re.M)
+    assert tuple(map(int, floor.groups())) >= max(since.values())
+
+
+def test_world0_ships_byte_identical_and_matches_its_regenerated_world(tmp_path):
+    for name, digest in train.WORLD0_SHA256.items():
+        assert hashlib.sha256((train.WORLD0 / name).read_bytes()).hexdigest() == digest, name
+    args = train.parse_args(["--testbed", str(tmp_path / "tb")])
+    # the world's text and tokenizer are regenerated on every machine; the encoder is the shipped one
+    assert train.testbed(args, 0) == (train.WORLD0, tmp_path / "tb-0" / "data")
+    assert (tmp_path / "tb-0" / "data" / "tokenizer.json").read_bytes() == (train.WORLD0 / "tokenizer.json").read_bytes()
+    assert not (tmp_path / "tb-0" / "pretrain").exists()  # nothing pretrained
 
 
 def test_train_every_numeric_flag_has_a_range():
@@ -1595,6 +1702,8 @@ def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):
     mtime = (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime
     assert run_cli(*argv) == 0  # finished cells are kept, not rerun
     assert (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime == mtime
+    assert run_cli(*argv[:11], "prime,none", *argv[12:]) == 0  # the paired column whatever the order of --methods
+    assert (tmp_path / "x" / "experiment.md").read_text().splitlines()[2] == table.splitlines()[3]
 
 
 def test_train_experiment_cell_is_the_mean_of_its_prime_and_finetune_seeds(tiny_testbed, tmp_path):

@@ -15,6 +15,7 @@ See README.md.
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import multiprocessing
@@ -93,7 +94,7 @@ def start_run(args, stage):
     if args.resume:
         if "config.json" not in names:
             raise UsageError(f"--resume: {out}/config.json not found (give --out the folder of the run to resume)")
-        old, defaults = read_json(out / "config.json"), vars(parse_args([]))
+        old, defaults = read_json(out / "config.json"), vars(make_parser().parse_args([]))
         # --skip-nonfinite may change: it only decides what a non-finite step does, e.g. one that stopped this run;
         # a flag added since the run was started is no difference at its default (which keeps the old behaviour)
         diff = sorted(k for k in config.keys() | old.keys() if config.get(k) != old.get(k) and k != "skip_nonfinite"
@@ -312,9 +313,33 @@ def copy_into(dst, src):
 
 # ----------------------------------------------------------------------------- inputs
 
+# World 0's MLM-pretrained encoder ships with the code (so it is the same on every machine, and the first run pretrains
+# nothing); `python train.py --stage pretrain --out DIR` rebuilds it in DIR/model from the world's regenerated text.
+WORLD0 = Path(__file__).resolve().parent / "world0"
+WORLD0_SHA256 = {
+    "config.json": "da0b299218c41f8766ff78d560bd88e5e31724b634c02a11edf3545ff79b2cbd",
+    "model.safetensors": "1239c687da230c3bc787efc5d34868090d89ce67c8dcff197ba8504b03dac943",
+    "tokenizer.json": "4111e4f1fff66b130d6e4a191996d8e51abe60af00af0732750e8da0407e517f",
+}
+
+
+def shipped_world0(data_dir):
+    """Whether the shipped world-0 encoder fits the world generated in data_dir: its files are the ones shipped (SHA-256)
+    and its tokenizer is the world's (else the world is pretrained here, as any other)."""
+    for name, digest in WORLD0_SHA256.items():
+        if not (WORLD0 / name).exists() or hashlib.sha256((WORLD0 / name).read_bytes()).hexdigest() != digest:
+            raise CheckpointError(f"{WORLD0 / name}: missing or not the shipped file (SHA-256 differs); `git checkout "
+                                  f"world0` restores it")
+    if (data_dir / "tokenizer.json").read_bytes() == (WORLD0 / "tokenizer.json").read_bytes():
+        return True
+    log(f"testbed: {data_dir}/tokenizer.json differs from the shipped {WORLD0}/tokenizer.json (another tokenizers "
+        f"release?): world 0's encoder is pretrained here instead")
+    return False
+
+
 def testbed(args, seed, need_model=True):
-    """The (model_dir, data_dir) of the synthetic testbed world `seed`, generated and MLM-pretrained on first use,
-    then cached in <--testbed>-<seed>."""
+    """The (model_dir, data_dir) of the synthetic testbed world `seed`, generated on first use and cached in
+    <--testbed>-<seed>; the encoder is world 0's shipped one, or MLM-pretrained on the world's text and cached."""
     root = Path(f"{args.testbed}-{seed}")
     model_dir, data_dir = root / "pretrain" / "model", root / "data"
     if not (data_dir / "tokenizer.json").exists():
@@ -324,6 +349,8 @@ def testbed(args, seed, need_model=True):
         data.write_tokenizer(root / "data.tmp")
         shutil.rmtree(data_dir, ignore_errors=True)
         os.replace(root / "data.tmp", data_dir)
+    if need_model and seed == 0 and shipped_world0(data_dir):
+        return WORLD0, data_dir
     if need_model and not (model_dir / "tokenizer.json").exists():  # the tokenizer is copied last
         log("testbed: MLM-pretraining a tiny encoder on the testbed's text (once; it is cached)")
         pretrain(args, root / "pretrain", data_dir, None, seed, resume=True)
@@ -392,10 +419,8 @@ def peft_config(args):
 
 
 def prime_config(args, mode):
-    """Priming's config; the inner AdamW is the downstream one: its lr defaults to --finetune-lr, its decay is
-    --weight-decay."""
-    inner_lr = args.inner_lr if args.inner_lr is not None else 0.3 if args.inner_opt == "sgd" else args.finetune_lr
-    return metapeft.PrimeConfig(mode=mode, inner_steps=args.inner_steps, inner_lr=inner_lr, meta_sgd=args.meta_sgd,
+    """Priming's config; the inner AdamW decays as the downstream one, by --weight-decay."""
+    return metapeft.PrimeConfig(mode=mode, inner_steps=args.inner_steps, inner_lr=args.inner_lr, meta_sgd=args.meta_sgd,
                                 first_order=args.first_order, inner_backprop=args.inner_backprop,
                                 inner_opt=args.inner_opt, inner_weight_decay=args.weight_decay,
                                 support_batches=args.support_batches,
@@ -898,9 +923,11 @@ def experiment(args, out, model_dir, data_dir):
                       for c in cols} for s, r in per_seed.items()} for m, per_seed in results.items()}
     spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
     summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
-    # every later method against every earlier one (none < multitask < maml < prime by default), paired by seed
+    # every method against every one before it in the order none < multitask < maml < prime, whatever --methods'
+    # order, paired by seed
+    ordered = sorted(methods, key=METHODS.index)
     vs = {f"{a} - {b}": {c: paired([scores[a][s][c] - scores[b][s][c] for s in seeds]) for c in cols}
-          for i, a in enumerate(methods) for b in methods[:i]}
+          for i, a in enumerate(ordered) for b in ordered[:i]}
     vs_none = {m: vs[f"{m} - none"] for m in methods if f"{m} - none" in vs}
     ci = lambda d: f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
     rows = []
@@ -936,8 +963,13 @@ def experiment(args, out, model_dir, data_dir):
 
 # ----------------------------------------------------------------------------- command line
 
-PRESETS = {  # --preset quick: the whole experiment on the testbed in a few minutes on 2 CPU cores
-    "quick": {"prime_steps": 40, "finetune_steps": 300, "seeds": 2},
+# The flags' defaults are the dataclasses': PrimeConfig's are the priming recipe the study selected, at the learning
+# rates of xlm-roberta-base. The testbed's tiny encoder needs larger ones and fewer steps: the `testbed` preset, which
+# every run without --data takes (logged, and saved in config.json).
+PRIME, PEFT = metapeft.PrimeConfig(), PeftConfig()
+PRESETS = {
+    "testbed": {"prime_steps": 60, "prime_lr": 1e-3, "prime_warmup": 10, "inner_lr": 5e-3, "finetune_lr": 5e-3},
+    "quick": {"prime_steps": 40, "finetune_steps": 300, "seeds": 2},  # the whole experiment in minutes on 2 cores
 }
 
 
@@ -1024,7 +1056,7 @@ def check_args(args):
         log("note: --dtype bf16 is autocast on CUDA only; on the CPU this run is fp32")
 
 
-def parse_args(argv=None):
+def make_parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
     a = lambda g, *n, **k: g.add_argument(*n, **{**k, "help": k["help"] + " (default: %(default)s)"})
     g = p.add_argument_group("run")
@@ -1060,7 +1092,7 @@ def parse_args(argv=None):
     a(g, "--pairing", choices=("cross", "same"), default="cross",
       help="cross: support in the source, query in a priming language; same: one language per task")
     a(g, "--support-size", type=int, default=8, help="sentences per support batch")
-    a(g, "--support-batches", type=int, default=1,
+    a(g, "--support-batches", type=int, default=PRIME.support_batches,
       help="support batches per task, one per inner step, cycling (1: the K inner steps reuse one batch)")
     a(g, "--query-size", type=int, default=8, help="sentences per query batch")
     a(g, "--tasks", type=int, default=4, help="tasks (support, query pairs) per meta-step")
@@ -1068,34 +1100,37 @@ def parse_args(argv=None):
     a(g, "--peft", choices=("lora", "houlsby", "pfeiffer"), default="lora",
       help="PEFT method simulated in priming and used downstream (houlsby: adapters after attention and FFN; "
            "pfeiffer: after FFN only)")
-    a(g, "--lora-r", type=int, default=8, help="LoRA rank")
-    a(g, "--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (update = alpha / r * B A)")
-    a(g, "--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input")
-    a(g, "--lora-targets", default="query,key,value,attn_out,ffn_in,ffn_out", help="comma-separated projections: query key value attn_out ffn_in ffn_out")
-    a(g, "--adapter-size", type=int, default=64, help="adapter bottleneck width")
-    a(g, "--adapter-act", choices=("relu", "gelu", "tanh"), default="relu", help="adapter non-linearity")
+    a(g, "--lora-r", type=int, default=PEFT.lora_r, help="LoRA rank")
+    a(g, "--lora-alpha", type=float, default=PEFT.lora_alpha, help="LoRA scaling numerator (update = alpha / r * B A)")
+    a(g, "--lora-dropout", type=float, default=PEFT.lora_dropout, help="dropout on LoRA's input")
+    a(g, "--lora-targets", default=",".join(PEFT.lora_targets),
+      help="comma-separated projections: query key value attn_out ffn_in ffn_out")
+    a(g, "--adapter-size", type=int, default=PEFT.adapter_size, help="adapter bottleneck width")
+    a(g, "--adapter-act", choices=("relu", "gelu", "tanh"), default=PEFT.adapter_act, help="adapter non-linearity")
     g = p.add_argument_group("priming (MAML)")
     a(g, "--mode", choices=METHODS, default="prime",
       help="prime: inner loop simulates PEFT (the paper); maml: inner loop updates everything; multitask: plain "
            "training on the priming data; none: no priming")
-    a(g, "--prime-steps", type=int, default=50, help="outer (meta) steps (0: save the encoder unprimed)")
-    a(g, "--inner-steps", type=int, default=1, help="K: simulated PEFT steps per task (0: none)")
-    a(g, "--inner-opt", choices=("sgd", "adam"), default="sgd",
-      help="inner optimizer simulating PEFT: plain SGD, or AdamW as downstream (fresh moments per task, "
-           "--weight-decay on matrices)")
-    a(g, "--inner-lr", type=float, help="alpha: inner learning rate; omitted: 0.3 for sgd, --finetune-lr for adam")
+    a(g, "--prime-steps", type=int, default=2000, help="outer (meta) steps (0: save the encoder unprimed)")
+    a(g, "--inner-steps", type=int, default=PRIME.inner_steps, help="K: simulated PEFT steps per task (0: none)")
+    a(g, "--inner-opt", choices=("sgd", "adam"), default=PRIME.inner_opt,
+      help="inner optimizer simulating PEFT: AdamW as downstream (fresh moments per task, --weight-decay on "
+           "matrices), or plain SGD")
+    a(g, "--inner-lr", type=float, default=PRIME.inner_lr,
+      help="alpha: inner learning rate, the downstream --finetune-lr for adam (plain SGD needs far more, e.g. 0.3)")
     a(g, "--meta-sgd", action="store_true", default=False, help="learn one inner learning rate per tensor (Meta-SGD)")
-    a(g, "--first-order", action="store_true", default=False, help="first-order meta-gradient (no second derivatives)")
+    a(g, "--first-order", action=argparse.BooleanOptionalAction, default=PRIME.first_order,
+      help="first-order meta-gradient (no second derivatives); --no-first-order: second order")
     a(g, "--inner-backprop", type=int, default=0,
       help="truncated back-propagation: second order through the last N inner steps only, first order before "
            "(0: all steps)")
-    a(g, "--outer", choices=("theta", "theta+phi"), default="theta",
+    a(g, "--outer", choices=("theta", "theta+phi"), default=PRIME.outer,
       help="what the outer loop updates: the PLM only, or also phi's initialisation")
-    a(g, "--phi-start", choices=("fresh", "meta"), default="fresh",
+    a(g, "--phi-start", choices=("fresh", "meta"), default=PRIME.phi_start,
       help="phi at the start of each episode: a fresh draw (as downstream) or the meta-learned init")
     a(g, "--freeze-embeddings", action="store_true", default=False, help="keep embeddings fixed during priming")
-    a(g, "--prime-lr", type=float, default=1e-4, help="outer AdamW learning rate")
-    a(g, "--prime-warmup", type=int, default=10, help="outer warm-up steps")
+    a(g, "--prime-lr", type=float, default=PRIME.lr, help="outer AdamW learning rate")
+    a(g, "--prime-warmup", type=int, default=PRIME.warmup, help="outer warm-up steps")
     g = p.add_argument_group("fine-tuning, evaluation, pretraining")
     a(g, "--phi-init", default="fresh",
       help="downstream PEFT + head start: fresh, primed (the meta-learned init saved by priming), or a peft LoRA "
@@ -1103,7 +1138,7 @@ def parse_args(argv=None):
     a(g, "--finetune-steps", type=int, default=2000, help="most PEFT training steps on the source language")
     a(g, "--patience", type=int, default=5,
       help="stop fine-tuning after this many source-dev evaluations without a new best F1 (0: run all steps)")
-    a(g, "--finetune-lr", type=float, default=5e-3, help="PEFT AdamW learning rate")
+    a(g, "--finetune-lr", type=float, default=PRIME.inner_lr, help="PEFT AdamW learning rate")
     a(g, "--curve-langs", help="comma-separated languages whose dev F1 finetune also logs (analysis only, never "
       "selects); omitted: none")
     a(g, "--finetune-warmup", type=int, default=30, help="PEFT learning-rate warm-up steps, then constant")
@@ -1114,8 +1149,8 @@ def parse_args(argv=None):
            "(0: batch size / processes)")
     a(g, "--eval-every", type=int, default=100, help="steps between source-dev evaluations (0: once an epoch)")
     a(g, "--eval-batch-size", type=int, default=64, help="sentences per evaluation batch")
-    a(g, "--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
-    a(g, "--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    a(g, "--weight-decay", type=float, default=PRIME.weight_decay, help="AdamW weight decay (matrices only)")
+    a(g, "--clip", type=float, default=PRIME.clip, help="max gradient norm (0: no clipping)")
     a(g, "--text", help="pretrain: text file (one sentence a line) for continued MLM of --model")
     a(g, "--pretrain-steps", type=int, default=3000, help="MLM steps (0: save the untrained encoder)")
     a(g, "--pretrain-lr", type=float, default=1e-3, help="MLM AdamW learning rate")
@@ -1133,12 +1168,23 @@ def parse_args(argv=None):
     a(g, "--base", help="probe: the unprimed encoder --model was primed from; omitted: the testbed's pretrained one")
     a(g, "--probe-episodes", type=int, default=10, help="probe: held-out meta-batches per language for the priming loss")
     a(g, "--preset", choices=sorted(PRESETS), help="new defaults for the flags they name (flags given explicitly keep "
-      "their value): " + "; ".join(f"{n}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
-                                    for n, preset in PRESETS.items()))
+      "their value; every run without --data also takes `testbed`): " + "; ".join(
+          f"{n}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()) for n, preset in PRESETS.items()))
+    return p
+
+
+def parse_args(argv=None):
+    """The resolved flags: given ones, then --preset's, then `testbed`'s without --data, then the defaults; checked."""
+    p = make_parser()
     args = p.parse_args(argv)
-    for k, v in PRESETS.get(args.preset, {}).items():
-        if getattr(args, k) == p.get_default(k):
+    for action in p._actions:  # parsed again with no defaults: what remains is what the command line gave
+        action.default = argparse.SUPPRESS
+    given = vars(p.parse_args(argv))
+    args.presets = [args.preset] * bool(args.preset) + ["testbed"] * (args.data is None and args.preset != "testbed")
+    for k, v in [kv for name in args.presets for kv in PRESETS[name].items()]:
+        if k not in given:
             setattr(args, k, v)
+            given[k] = v  # the first preset that names a flag wins
     check_args(args)
     return args
 
@@ -1159,6 +1205,8 @@ def main(argv=None):
             if dist.is_initialized() and not rank:
                 dist.barrier()
         out = Path(args.out) if args.stage == "export" else start_run(args, args.stage)  # export: a checkpoint folder
+        for name in args.presets * (args.stage in ("prime", "finetune", "experiment", "probe")):  # who uses them
+            log(f"preset {name}: " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in PRESETS[name]))
         on_testbed = args.data is None
         if on_testbed and args.stage not in ("pretrain", "export"):
             log(f"note: using the built-in synthetic testbed ({data_dir or args.testbed + '-<seed>'}); for real work pass "
