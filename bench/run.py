@@ -2,6 +2,7 @@
 
     python bench/run.py --quick                         # 2 layers, vocab 50k, batches 8 x 64: a smoke run
     python bench/run.py                                 # xlm-roberta-base: 12 layers, vocab 250,002, batches 8 x 128
+    python bench/run.py --no-padding                    # every row full length
     python bench/run.py --device cuda --dtype bf16      # on a GPU (bench/gpu.sh runs it)
 
 Sections, from one checkpoint the script writes (random weights, a trained-looking LoRA):
@@ -11,8 +12,16 @@ Sections, from one checkpoint the script writes (random weights, a trained-looki
   meta     one priming meta-step (K = 1 inner SGD step on LoRA r = 8 on query/value + head, phi0 = the
            checkpoint's, gradient of theta only) with the outer AdamW step, first and second order: ours
            (metapeft.meta_loss + metapeft.step) vs the same algorithm on transformers + peft driven by
-           torch.func.functional_call, with the fastest attention that works (sdpa first order, eager second
-           order) and torch.optim.AdamW + clip_grad_norm_ as a user writes them; dropout 0, so gradients agree
+           torch.func.functional_call, as a performance-aware user writes it: sdpa attention (its math kernel for
+           the passes differentiated twice, as ours), loss.backward(inputs=theta), clip_grad_norm_ and
+           torch.optim.AdamW(fused=True); dropout 0, so gradients agree
+  recipe   the whole priming step of the study's recipe (RECIPE: K = 20 inner AdamW steps, each on a new support
+           batch of --batch rows, first order) with the outer step; the reference adapts a per-task copy of the
+           LoRA + head tensors with torch.optim.AdamW(fused=True) (autograd.grad into .grad, then .step())
+  profile  (not by default) one step of meta (second order) and recipe per stack under torch.profiler: CPU time
+           by kind of op (matmuls, attention, elementwise, optimizer) and the rest (Python, dispatch)
+Batches: rows of --seq / 2 to --seq tokens, padded to the longest row of the batch (as data.collate pads); with
+--no-padding every row is --seq tokens. The report gives each section's padding fraction.
 Every variant runs in a fresh process (its own peak memory, no shared allocator state), in alternating order over
 --repeats rounds; each process times --steps steps after one warm-up step. Figures are medians. Ratios are ours
 relative to the reference: speed-ups above 1 are faster, memory ratios below 1 smaller.
@@ -32,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metapeft as mp  # noqa: E402
@@ -39,6 +49,16 @@ from model import Config, Model, PeftConfig, hf_key, load_peft, load_pretrained 
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 PEFT = PeftConfig(method="lora", lora_r=8, lora_alpha=16.0, lora_targets=("query", "value"))
+# Every PrimeConfig field the bench relies on, explicitly: the dataclass's defaults follow the study and may change.
+PRIME_COMMON = dict(mode="prime", meta_sgd=False, inner_backprop=0, outer="theta", phi_start="meta",
+                    freeze_embeddings=False, lr=2e-5, weight_decay=0.01, warmup=0, clip=1.0, inner_betas=(0.9, 0.999),
+                    inner_eps=1e-8, inner_weight_decay=0.01)
+# The meta section's step: K = 1 SGD step on the whole support batch, first or second order.
+META = dict(inner_opt="sgd", inner_steps=1, support_batches=1, inner_lr=1e-3)
+# The study's selected inner loop (study/README.md): 20 AdamW steps at the downstream PEFT lr, each on a new support
+# batch, first order. phi starts at the checkpoint's (phi_start "meta", not the study's fresh draw, which costs
+# nothing measurable) so that both stacks take the same step and their gradients can be compared.
+RECIPE = dict(inner_opt="adam", inner_steps=20, support_batches=20, inner_lr=5e-4, first_order=True)
 SIZES = {"full": dict(layers=12, vocab=250002, batch=8, seq=128), "quick": dict(layers=2, vocab=50000, batch=8, seq=64)}
 # Our bf16 hidden states may be at most this many times as far (mean absolute error) from transformers' fp32 states
 # as transformers' own bf16 states are.
@@ -93,18 +113,18 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
 
 
-def make_batches(args, n, device):
-    """n batches of random tokens, rows of random lengths from half to all of args.seq (a quarter padding on
-    average; none with args.no_padding), random labels."""
-    gen = torch.Generator().manual_seed(0)
-    out = []
+def make_batches(args, n, device, rows=None, seed=0):
+    """n batches of `rows` (default args.batch) rows of random tokens and random labels, each row of a random length
+    from half to all of args.seq (all of it with args.no_padding), padded to the batch's longest row."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, out = rows or args.batch, []
     for _ in range(n):
-        ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=gen)
-        lengths = torch.randint(args.seq if args.no_padding else args.seq // 2, args.seq + 1, (args.batch,),
-                                generator=gen)
-        pad = torch.arange(args.seq) >= lengths[:, None]
+        lengths = torch.randint(args.seq if args.no_padding else args.seq // 2, args.seq + 1, (rows,), generator=gen)
+        width = int(lengths.max())
+        ids = torch.randint(3, args.vocab, (rows, width), generator=gen)
+        pad = torch.arange(width) >= lengths[:, None]
         ids[:, 0] = 0
-        ids[torch.arange(args.batch), lengths - 1] = 2
+        ids[torch.arange(rows), lengths - 1] = 2
         ids[pad] = 1
         labels = torch.randint(len(LABELS), ids.shape, generator=gen).masked_fill(ids <= 2, -100)
         out.append({k: v.to(device) for k, v in
@@ -137,40 +157,72 @@ def is_phi(name):
     return "lora_" in name or "classifier." in name
 
 
+def recipe_tasks(args, device):
+    """One task of the recipe: a support batch of support_batches x --batch rows (split by rows, one part per inner
+    step, as train.py's priming data), padded as a whole to its longest row, and a query batch of --batch rows."""
+    return [(make_batches(args, 1, device, rows=args.batch * RECIPE["support_batches"], seed=1)[0],
+             make_batches(args, 1, device, seed=2)[0])]
+
+
+def padding_fraction(batches):
+    return round(1 - torch.cat([b["attention_mask"].flatten() for b in batches]).float().mean().item(), 3)
+
+
 def ours_meta_step(ckpt, cfg, device):
     """Our meta-step: metapeft.meta_loss with phi0 = the checkpoint's phi, then metapeft.step."""
     model = load_peft(load_pretrained(ckpt, labels=LABELS, peft=PEFT), ckpt).to(device).train()
     params = mp.outer_params(model, cfg)
     opt = mp.make_optimizer(params, cfg.lr, cfg.weight_decay)
-    sched = mp.make_scheduler(opt, 0, 1000)
+    sched = mp.make_scheduler(opt, cfg.warmup, 1000)
     return lambda tasks, amp: mp.step(_loss(amp, lambda: mp.meta_loss(model, tasks, cfg)), params, opt, sched,
                                       cfg.clip)
 
 
 def reference_meta_step(ckpt, cfg, device):
-    """The same meta-step as a user writes it on transformers + peft + functional_call."""
-    model = hf_model(ckpt, "sdpa" if cfg.first_order else "eager", device).train()
+    """The same meta-step as a performance-aware user writes it on transformers + peft + functional_call: sdpa
+    attention (its math kernel where a pass is differentiated twice: the fused kernels have no double backward),
+    the inner AdamW as torch's fused one on a per-task copy of phi (first order), the outer one fused too."""
+    model = hf_model(ckpt, "sdpa", device).train()
     params = dict(model.named_parameters())
     phi = [n for n in params if is_phi(n)]
     theta = [p for n, p in params.items() if not is_phi(n)]
     opt = torch.optim.AdamW([{"params": [p for p in theta if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in theta if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
-    sched = mp.make_scheduler(opt, 0, 1000)
+                             {"params": [p for p in theta if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr, fused=True)
+    sched = mp.make_scheduler(opt, cfg.warmup, 1000)
+    if cfg.inner_opt == "adam" and not cfg.first_order:
+        raise ValueError("the reference's inner AdamW (torch.optim.AdamW, in place) is first order only")
 
     def loss(p, batch):
         logits = functional_call(model, p, (), {"input_ids": batch["input_ids"],
                                                 "attention_mask": batch["attention_mask"]}).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
 
+    def adapted(support):
+        """The parameters after the inner loop (phi adapted, theta as it is), as task_loss's."""
+        supports = [dict(zip(support, rows))
+                    for rows in zip(*(t.tensor_split(cfg.support_batches) for t in support.values()))]
+        p = dict(params)
+        if cfg.inner_opt == "adam":
+            copy = {n: params[n].detach().clone().requires_grad_() for n in phi}
+            inner = torch.optim.AdamW(
+                [{"params": [t for t in copy.values() if t.ndim >= 2], "weight_decay": cfg.inner_weight_decay},
+                 {"params": [t for t in copy.values() if t.ndim < 2], "weight_decay": 0.0}],
+                lr=cfg.inner_lr, betas=cfg.inner_betas, eps=cfg.inner_eps, fused=True)
+            for k in range(cfg.inner_steps):
+                grads = torch.autograd.grad(loss(p | copy, supports[k % len(supports)]), list(copy.values()))
+                for t, g in zip(copy.values(), grads):
+                    t.grad = g
+                inner.step()
+            return p | copy
+        for k in range(cfg.inner_steps):
+            with nullcontext() if cfg.first_order else sdpa_kernel([SDPBackend.MATH]):
+                support_loss = loss(p, supports[k % len(supports)])
+            grads = torch.autograd.grad(support_loss, [p[n] for n in phi], create_graph=not cfg.first_order)
+            p.update({n: p[n] - cfg.inner_lr * g for n, g in zip(phi, grads)})
+        return p
+
     def meta_loss(tasks):
-        losses = []
-        for support, query in tasks:
-            p = dict(params)
-            for _ in range(cfg.inner_steps):
-                grads = torch.autograd.grad(loss(p, support), [p[n] for n in phi], create_graph=not cfg.first_order)
-                p.update({n: p[n] - cfg.inner_lr * g for n, g in zip(phi, grads)})
-            losses.append(loss(p, query))
-        return sum(losses) / len(losses)
+        return sum(loss(adapted(support), query) for support, query in tasks) / len(tasks)
 
     def step(tasks, amp):
         loss = _loss(amp, lambda: meta_loss(tasks))
@@ -245,18 +297,73 @@ def child(args):
             loss.backward()
         times, out["peak_mb"] = timed_steps(step, args, device)
         out |= {"step_s": statistics.median(times), "times": times, "flops": 3 * forward_flops(batch, args.layers)}
-    else:  # meta_{ours,reference}_{1,2}
-        order = int(name[-1])
-        cfg = mp.PrimeConfig(inner_steps=1, first_order=order == 1, phi_start="meta")
-        step = (ours_meta_step if "_ours_" in name else reference_meta_step)(ckpt / "meta", cfg, device)
-        tasks = [tuple(make_batches(args, 2, device))]
+    elif name.startswith("profile_"):
+        step, tasks, _ = meta_variant(name.removeprefix("profile_"), args, device)
+        out = profile_step(lambda: step(tasks, amp), device)
+    else:  # meta_{ours,reference}_{1,2}, recipe_{ours,reference}
+        step, tasks, flops = meta_variant(name, args, device)
         norms = []  # the first is the warm-up step's: the same weights in both stacks, so it must agree
         times, out["peak_mb"] = timed_steps(lambda: norms.append(float(step(tasks, amp))), args, device)
-        out |= {"step_s": statistics.median(times), "times": times, "grad_norm_first": norms[0],
-                # support: forward, backward (second order: both once more); query: forward, backward
-                "flops": forward_flops(tasks[0][0], args.layers) * (2 if order == 1 else 6)
-                + forward_flops(tasks[0][1], args.layers) * 3}
+        out |= {"step_s": statistics.median(times), "times": times, "grad_norm_first": norms[0], "flops": flops,
+                "padding_fraction": padding_fraction([b for task in tasks for b in task])}
     print(json.dumps(out))
+
+
+def meta_variant(name, args, device):
+    """(step, tasks, matmul FLOPs of a step) of meta_{ours,reference}_{1,2} or recipe_{ours,reference}."""
+    ckpt = Path(args.ckpt) / "meta"
+    make = ours_meta_step if "_ours" in name else reference_meta_step
+    if name.startswith("recipe_"):
+        cfg = mp.PrimeConfig(**PRIME_COMMON, **RECIPE)
+        tasks = recipe_tasks(args, device)
+        (support, query), = tasks
+        # each inner step: forward, backward to phi (through every layer: about one forward); query: fwd, bwd
+        flops = forward_flops(support, args.layers) * 2 + forward_flops(query, args.layers) * 3
+    else:
+        order = int(name[-1])
+        cfg = mp.PrimeConfig(**PRIME_COMMON, **META, first_order=order == 1)
+        tasks = [tuple(make_batches(args, 2, device))]
+        # support: forward, backward (second order: both once more); query: forward, backward
+        flops = (forward_flops(tasks[0][0], args.layers) * (2 if order == 1 else 6)
+                 + forward_flops(tasks[0][1], args.layers) * 3)
+    return make(ckpt, cfg, device), tasks, flops
+
+
+# Kinds of op in profile_step's table, by ATen name; bmm is attention's (our projections and transformers' are mm
+# or addmm), so "attention" is its matmuls plus softmax and the fused kernels.
+OP_KINDS = (("optimizer", ("adam", "_foreach", "linalg_vector_norm")),
+            ("attention", ("bmm", "softmax", "scaled_dot_product", "flash_attention", "baddbmm")),
+            ("matmul", ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear")))
+
+
+def op_kind(op):
+    return next((kind for kind, names in OP_KINDS if any(n in op for n in names)), "elementwise")
+
+
+def profile_step(fn, device):
+    """CPU seconds of one step unprofiled (step_s), and of another under torch.profiler (profiled_s) by kind of op
+    (the ops' self time); 'other' is the profiled step's time no op accounts for: Python, autograd's and the
+    dispatcher's own work, and the profiler's."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()  # warm-up
+    start = time.process_time()
+    fn()
+    total = time.process_time() - start
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        start = time.process_time()
+        fn()
+        profiled = time.process_time() - start
+    kinds, flops = dict.fromkeys(("matmul", "attention", "elementwise", "optimizer"), 0.0), {"matmul": 0, "attention": 0}
+    for e in prof.key_averages():
+        if e.key.startswith("aten::") or e.key.startswith("torch::"):
+            kind = op_kind(e.key)
+            kinds[kind] += e.self_cpu_time_total / 1e6
+            if kind in flops:
+                flops[kind] += e.flops or 0
+    out = {"step_s": round(total, 4), "profiled_s": round(profiled, 4), "ops_s": {k: round(v, 4) for k, v in kinds.items()}}
+    out["ops_s"]["other"] = round(profiled - sum(kinds.values()), 4)
+    out["flop_per_s"] = {k: f / kinds[k] if kinds[k] else None for k, f in flops.items()}
+    return out
 
 
 # ----------------------------------------------------------------------------- in the parent process
@@ -311,15 +418,17 @@ def main():
     ap.add_argument("--quick", action="store_true", help=f"smaller sizes: {SIZES['quick']} (default: {SIZES['full']})")
     for k in SIZES["full"]:
         ap.add_argument(f"--{k}", type=int, help=f"override the {k} of the chosen size")
-    ap.add_argument("--no-padding", action="store_true", help="every row full length (default: a quarter padding)")
+    ap.add_argument("--no-padding", action="store_true",
+                    help="every row --seq tokens (default: --seq / 2 to --seq, padded to the longest row)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs every variant once (default: 3)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process after a warm-up (default: 3)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default: 1; on a CPU shared with other jobs, OpenMP threads stall)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: cpu)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (default: fp32)")
-    ap.add_argument("--sections", default="matmul,parity,encoder,meta",
-                    help="comma-separated subset of matmul,parity,encoder,meta (default: all)")
+    ap.add_argument("--sections", default="matmul,parity,encoder,meta,recipe",
+                    help="comma-separated subset of matmul,parity,encoder,meta,recipe,profile (default: all but "
+                         "profile)")
     ap.add_argument("--out", help="also write the final JSON object to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -331,12 +440,13 @@ def main():
 
     sections = args.sections.split(",")
     start, load = time.time(), os.getloadavg()[0]
-    padding = 1 - torch.cat([b["attention_mask"] for b in make_batches(args, 2, "cpu")]).float().mean().item()
-    report = {"size": {k: getattr(args, k) for k in SIZES["full"]} | {"tasks": 1, "hidden": 768, "heads": 12,
-                                                                      "padding_fraction": round(padding, 3)},
+    report = {"size": {k: getattr(args, k) for k in SIZES["full"]} | {
+                  "tasks": 1, "hidden": 768, "heads": 12, "padding_fraction": padding_fraction(make_batches(args, 2, "cpu")),
+                  "recipe_padding_fraction": padding_fraction(recipe_tasks(args, "cpu")[0])},
               "device": torch.cuda.get_device_name() if args.device == "cuda" else
               f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch thread(s)",
-              "dtype": args.dtype, "torch": torch.__version__, "repeats": args.repeats, "steps": args.steps}
+              "dtype": args.dtype, "torch": torch.__version__, "repeats": args.repeats, "steps": args.steps,
+              "reference_optimizer": "fused", "recipe": RECIPE}
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoints(args, Path(tmp))
         if "parity" in sections:  # not timed: once
@@ -345,12 +455,17 @@ def main():
             report["parity_bf16_ok"] = (report["parity_bf16_ours_mean_abs_err"]
                                         <= BF16_TOLERANCE * report["parity_bf16_hf_mean_abs_err"])
         names = (["matmul"] * ("matmul" in sections) + ["encoder_ours", "encoder_hf"] * ("encoder" in sections)
-                 + [f"meta_{who}_{o}" for o in (1, 2) for who in ("ours", "reference")] * ("meta" in sections))
+                 + [f"meta_{who}_{o}" for o in (1, 2) for who in ("ours", "reference")] * ("meta" in sections)
+                 + ["recipe_ours", "recipe_reference"] * ("recipe" in sections))
         results = run_rounds(names, args, tmp)
+        if "profile" in sections:  # not timed for the ratios: once each
+            report["profile"] = {n: run_variant(f"profile_{n}", args, tmp)
+                                 for n in ("meta_ours_2", "meta_reference_2", "recipe_ours", "recipe_reference")}
     if "matmul" in sections:
         report["matmul_flop_per_s"] = rate = median(results, "matmul", "flop_per_s")
     for section, pairs in (("encoder", [("encoder", "encoder_ours", "encoder_hf")]),
-                           ("meta", [(f"metastep{o}", f"meta_ours_{o}", f"meta_reference_{o}") for o in (1, 2)])):
+                           ("meta", [(f"metastep{o}", f"meta_ours_{o}", f"meta_reference_{o}") for o in (1, 2)]),
+                           ("recipe", [("recipe", "recipe_ours", "recipe_reference")])):
         if section not in sections:
             continue
         for key, ours, ref in pairs:
@@ -360,7 +475,7 @@ def main():
             report |= {f"{key}_ours_s": round(t_ours, 4), f"{key}_ref_s": round(t_ref, 4),
                        f"{key}_ours_peak_mb": round(m_ours), f"{key}_ref_peak_mb": round(m_ref),
                        f"{key}_ours_flop_per_s": flops / t_ours}
-            if section == "meta":
+            if section in ("meta", "recipe"):
                 report[f"{key}_speedup_vs_ref"] = round(t_ref / t_ours, 3)
                 report[f"{key}_mem_ratio_vs_ref"] = round(m_ours / m_ref, 3)
                 a, b = results[ours][0]["grad_norm_first"], results[ref][0]["grad_norm_first"]
@@ -373,9 +488,17 @@ def main():
         report["matmul_fraction"] = report["encoder_matmul_fraction"]
     peak = next((p for gpu, p in PEAK_TFLOPS.items() if gpu in report["device"]), None)
     if peak:
-        for key in ("encoder", "metastep1", "metastep2"):
+        for key in ("encoder", "metastep1", "metastep2", "recipe"):
             if f"{key}_ours_flop_per_s" in report:
                 report[f"{key}_mfu"] = round(report[f"{key}_ours_flop_per_s"] / (peak[args.dtype == "fp32"] * 1e12), 4)
+    if "profile" in report and "matmul_flop_per_s" in report:
+        for prof in report["profile"].values():
+            prof["matmul_fraction"] = {k: round(v / rate, 3) for k, v in prof["flop_per_s"].items() if v}
+    # The headline figures last, where a reader of the JSON line's end finds them.
+    for key in ("metastep2_speedup_vs_ref", "metastep2_mem_ratio_vs_ref", "recipe_speedup_vs_ref",
+                "recipe_mem_ratio_vs_ref"):
+        if key in report:
+            report[key] = report.pop(key)
     report |= {"load_average_start_end": [round(load, 2), round(os.getloadavg()[0], 2)],
                "wall_s": round(time.time() - start)}
     line = json.dumps(report)
