@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not study/ (its select.py shadows the stdlib)
 from train import t_quantile  # noqa: E402
 
 PRIMARY = [("prime", "multitask"), ("prime", "maml")]
@@ -87,6 +87,6 @@ def world_minutes(M, N, build=4.0):
 
 
 print("\n| W | M | N | half-width prime - multitask | prime - maml | process-hours |\n|---|---|---|---|---|---|")
-for W, M, N in itertools.product((10, 15, 20, 25, 30, 40), (1, 2), (1, 2, 3)):
+for W, M, N in itertools.product((10, 20, 30, 40, 50, 60), (1, 2), (1, 2, 3)):
     hw = [half_width(a, b, W, M, N) for a, b in PRIMARY]
     print(f"| {W} | {M} | {N} | ±{hw[0]:.2f} | ±{hw[1]:.2f} | {W * world_minutes(M, N) / 60:.1f} |")
