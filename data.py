@@ -451,7 +451,7 @@ def macro_average(per_lang) -> float:
 @dataclass
 class WorldConfig:
     """A world's knobs: corpus and split sizes, lexicon and name-pool sizes, and the probabilities of sentence and
-    entity forms. The defaults are the calibrated world (README, "Calibration of the testbed")."""
+    entity forms. The defaults are the calibrated world (study/README.md, "Calibration of the testbed")."""
     seed: int = 0
     languages: tuple = ("en", "de", "ru", "tr", "ja", "es", "el")  # the first is the source
     priming_only: tuple = ("es", "el")  # train and dev only: the query languages of priming, never tested

@@ -1,7 +1,7 @@
 """Priming a pretrained encoder for parameter-efficient fine-tuning with meta-learning (Gheini et al., 2023).
 
-Notation of PAPER.md: theta = the pretrained encoder, phi = PEFT parameters + token-classification head.
-Priming is MAML whose inner loop simulates PEFT (SGD or AdamW on phi over a support batch, theta fixed) and
+theta = the pretrained encoder, phi = PEFT parameters + token-classification head (README, "The algorithm").
+Priming is MAML whose inner loop simulates PEFT (K AdamW or SGD steps on phi over support batches, theta fixed) and
 whose outer loop updates theta (optionally phi's initialisation too) from the query loss at the adapted phi:
 
     for each task (S, Q):  phi = phi0;  K times: phi = phi - alpha * grad_phi L(S; theta, phi)   (or an AdamW step)
@@ -94,19 +94,25 @@ def ce_loss(model, params, batch, total=None):
     return loss if total is None else loss / total
 
 
-def inner_update(p, g, lr, moments, t, cfg):
-    """The inner optimizer's new value of tensor p (a new tensor, nothing in place) after its step t = 1, 2, ...
-    with gradient g: SGD, or exactly torch.optim.AdamW's step; moments: (m, v) of the previous step or None."""
+def inner_update(ps, gs, lrs, moments, t, cfg):
+    """The inner optimizer's new values of tensors ps (new tensors, nothing in place) after its step t = 1, 2, ...
+    with gradients gs and one lr per tensor: SGD, or exactly torch.optim.AdamW's step; moments: the (m, v) lists of
+    the previous step or None. One foreach op per line over all tensors: a small model's inner loop is otherwise
+    spent in per-tensor op overhead."""
     if cfg.inner_opt == "sgd":
-        return p - lr * g, None
-    (b1, b2), decay = cfg.inner_betas, cfg.inner_weight_decay if p.ndim >= 2 else 0.0
-    m, v = moments or (0.0, 0.0)
-    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        return torch._foreach_sub(ps, torch._foreach_mul(gs, lrs)), None
+    b1, b2 = cfg.inner_betas
+    m, v = torch._foreach_mul(gs, 1 - b1), torch._foreach_mul(torch._foreach_mul(gs, 1 - b2), gs)
+    if moments:  # m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2
+        m = torch._foreach_add(m, torch._foreach_mul(moments[0], b1))
+        v = torch._foreach_add(v, torch._foreach_mul(moments[1], b2))
     # sqrt's derivative is infinite at 0 (a fresh LoRA A has zero gradient): 0 x inf would make the meta-gradient
-    # NaN, so the root's gradient at v = 0 is taken as 0 (a subgradient of sqrt(1 - b2) |g| at g = 0).
-    root = torch.where(v > 0, torch.where(v > 0, v, 1.0).sqrt(), 0.0)
-    step = lr / (1 - b1 ** t) * m / (root / math.sqrt(1 - b2 ** t) + cfg.inner_eps)
-    return p * (1 - lr * decay) - step, (m, v)
+    # NaN. v floored at 1e-36 has a zero gradient there; the step is AdamW's, as m = 0 wherever v = 0.
+    root = torch._foreach_div(torch._foreach_sqrt(torch._foreach_maximum(v, 1e-36)), math.sqrt(1 - b2 ** t))
+    step = torch._foreach_div(torch._foreach_mul(m, [lr / (1 - b1 ** t) for lr in lrs]),
+                              torch._foreach_add(root, cfg.inner_eps))
+    decay = [1 - lr * cfg.inner_weight_decay * (p.ndim >= 2) for lr, p in zip(lrs, ps)]
+    return torch._foreach_sub(torch._foreach_mul(ps, decay), step), (m, v)
 
 
 def task_loss(model, theta, phi0, support, query, cfg, inner_lrs=None):
@@ -115,8 +121,7 @@ def task_loss(model, theta, phi0, support, query, cfg, inner_lrs=None):
     inner_lrs; second order unless cfg.first_order, through the last cfg.inner_backprop steps only if it is set."""
     params = {**theta, **phi0}  # phi = phi0
     inner = [n for n in params if adapted(n, cfg)]
-    alpha = inner_lrs or dict.fromkeys(inner, cfg.inner_lr)
-    moments = dict.fromkeys(inner)
+    alpha, moments = [inner_lrs[n] for n in inner] if inner_lrs else [cfg.inner_lr] * len(inner), None
     supports = [dict(zip(support, rows))
                 for rows in zip(*(t.tensor_split(cfg.support_batches) for t in support.values()))]
     K = cfg.inner_steps
@@ -126,8 +131,8 @@ def task_loss(model, theta, phi0, support, query, cfg, inner_lrs=None):
         with sdpa_kernel([SDPBackend.MATH]) if second else nullcontext():
             loss = ce_loss(model, params, supports[k % len(supports)])
         grads = torch.autograd.grad(loss, [params[n] for n in inner], create_graph=second)  # else: detached
-        for n, g in zip(inner, grads):  # new dict entries, not in-place writes
-            params[n], moments[n] = inner_update(params[n], g, alpha[n], moments[n], k + 1, cfg)
+        new, moments = inner_update([params[n] for n in inner], grads, alpha, moments, k + 1, cfg)
+        params |= zip(inner, new)  # new dict entries, not in-place writes
     return ce_loss(model, params, query)
 
 

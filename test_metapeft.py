@@ -844,20 +844,19 @@ def test_prime_inner_adam_is_torch_adamw():
     opt = mp.make_optimizer(ref, cfg.inner_lr, cfg.inner_weight_decay)
     for group in opt.param_groups:
         group.update(betas=cfg.inner_betas, eps=cfg.inner_eps)
-    ours, moments = dict(start), dict.fromkeys(start)
+    ours, moments = list(start.values()), None
     for t in range(1, 6):
         g = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) * (t > 1) for n, p in start.items()}
         for n, p in ref.items():
             p.grad = g[n]
         opt.step()
-        for n in ours:
-            ours[n], moments[n] = mp.inner_update(ours[n], g[n], cfg.inner_lr, moments[n], t, cfg)
-    assert max_diff(ours.values(), ref.values()) < 1e-14
+        ours, moments = mp.inner_update(ours, list(g.values()), [cfg.inner_lr] * 2, moments, t, cfg)
+    assert max_diff(ours, ref.values()) < 1e-14
 
     def k_steps(p, lr, *gs):
         moments = None
         for t, g in enumerate(gs, 1):
-            p, moments = mp.inner_update(p, g, lr, moments, t, replace(cfg, inner_eps=1e-8))
+            (p,), moments = mp.inner_update([p], [g], [lr], moments, t, replace(cfg, inner_eps=1e-8))
         return p
     inputs = [torch.randn(4, 3, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(4)]
     assert torch.autograd.gradcheck(k_steps, (inputs[0], torch.tensor(0.1, dtype=torch.float64, requires_grad=True),
@@ -1152,7 +1151,7 @@ import train  # noqa: E402
 TINY_RUN = ["--tiny-hidden", "32", "--tiny-layers", "1", "--max-len", "48", "--batch-size", "8", "--tasks", "2",
             "--support-size", "4", "--query-size", "4", "--ckpt-every", "2", "--eval-batch-size", "16",
             "--inner-steps", "2", "--support-batches", "2",  # the default inner loop, shortened
-            "--jobs", "1"]  # experiment in this process: spawned cells would not see the tests' monkeypatches
+            "--procs", "1", "--jobs", "1"]  # all in this process: spawned ones would not see the tests' monkeypatches
 
 
 @pytest.fixture(scope="module")
@@ -1277,6 +1276,14 @@ def test_train_torchrun_gives_the_one_process_weights(tiny_testbed, tmp_path, st
     assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max() for k in one) < 1e-6
     assert (tmp_path / "one" / "metrics.jsonl").read_text().count("\n") == \
         (tmp_path / "two" / "metrics.jsonl").read_text().count("\n")  # rank 0 alone writes
+    if stage == "prime":  # --procs 2: the same 2 processes, started by train.py itself
+        here = os.path.dirname(os.path.abspath(__file__))
+        done = subprocess.run([sys.executable, "train.py", *map(str, argv), "--procs", "2", "--out", tmp_path / "p2"],
+                              cwd=here, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stderr.count("prime: primed model saved") == 1, done.stderr[-3000:]
+        procs = weights(tmp_path / "p2" / "model")
+        assert max((one[k] - procs[k]).abs().max() for k in one) < 1e-6
+        assert json.loads((tmp_path / "p2" / "config.json").read_text())["procs"] == 2
     if stage == "finetune":  # a bad input: one line from rank 0, no traceback from any process of ours
         code, log = torchrun("train.py", *argv, "--model", tmp_path / "nowhere", "--out", tmp_path / "bad")
         assert code != 0 and log.count("error: --model") == 1 and "[rank1]" not in log, log[-3000:]
@@ -1574,8 +1581,13 @@ def test_world0_ships_byte_identical_and_matches_its_regenerated_world(tmp_path)
 
 
 def test_train_every_numeric_flag_has_a_range():
-    args = vars(train.parse_args([]))
-    assert {k for k, v in args.items() if type(v) in (int, float)} <= set(train.RANGES) <= set(args)
+    import argparse
+    numeric = {k for k, v in vars(train.parse_args([])).items() if type(v) in (int, float)}
+    types = {a.dest: a.type for a in train.make_parser()._actions if a.dest in numeric}
+    assert set(types) == numeric
+    for check in types.values():  # each flag's type is a range (train.number), which refuses -1
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            check("-1")
     quick = train.parse_args(["--preset", "quick", "--prime-steps", "2"])  # a preset sets defaults, not given flags
     assert (quick.prime_steps, quick.finetune_steps, quick.seeds) == (2, 300, 2)
 

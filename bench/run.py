@@ -18,8 +18,9 @@ Sections, from one checkpoint the script writes (random weights, a trained-looki
   recipe   the whole priming step of the study's recipe (RECIPE: K = 20 inner AdamW steps, each on a new support
            batch of --batch rows, first order) with the outer step; the reference adapts a per-task copy of the
            LoRA + head tensors with torch.optim.AdamW(fused=True) (autograd.grad into .grad, then .step())
-  profile  (not by default) one step of meta (second order) and recipe per stack under torch.profiler: CPU time
-           by kind of op (matmuls, attention, elementwise, optimizer) and the rest (Python, dispatch)
+  profile  (not by default) one step of meta (second order) and recipe per stack: the ops' CPU time by kind
+           (matmuls, attention, elementwise, optimizer) and the rest (Python, autograd, dispatch); the matmuls'
+           FLOP/s against the matmul section's rate
 Batches: rows of --seq / 2 to --seq tokens, padded to the longest row of the batch (as data.collate pads); with
 --no-padding every row is --seq tokens. The report gives each section's padding fraction.
 Every variant runs in a fresh process (its own peak memory, no shared allocator state), in alternating order over
@@ -48,7 +49,7 @@ import metapeft as mp  # noqa: E402
 from model import Config, Model, PeftConfig, hf_key, load_peft, load_pretrained  # noqa: E402
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
-PEFT = PeftConfig(method="lora", lora_r=8, lora_alpha=16.0, lora_targets=("query", "value"))
+PEFT = PeftConfig(method="lora", lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lora_targets=("query", "value"))
 # Every PrimeConfig field the bench relies on, explicitly: the dataclass's defaults follow the study and may change.
 PRIME_COMMON = dict(mode="prime", meta_sgd=False, inner_backprop=0, outer="theta", phi_start="meta",
                     freeze_embeddings=False, lr=2e-5, weight_decay=0.01, warmup=0, clip=1.0, inner_betas=(0.9, 0.999),
@@ -329,40 +330,70 @@ def meta_variant(name, args, device):
     return make(ckpt, cfg, device), tasks, flops
 
 
-# Kinds of op in profile_step's table, by ATen name; bmm is attention's (our projections and transformers' are mm
-# or addmm), so "attention" is its matmuls plus softmax and the fused kernels.
-OP_KINDS = (("optimizer", ("adam", "_foreach", "linalg_vector_norm")),
-            ("attention", ("bmm", "softmax", "scaled_dot_product", "flash_attention", "baddbmm")),
-            ("matmul", ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear")))
+# Kinds of op in profile_step's table: ATen op names, or parts of them; bmm is attention's (our projections and
+# transformers' are mm or addmm), so "attention" is its matmuls plus softmax and the fused kernels.
+OP_KINDS = (("matmul", {"mm", "addmm"}), ("attention", {"bmm", "baddbmm", "softmax", "scaled_dot_product"}),
+            ("optimizer", {"_adamw", "_foreach_", "linalg_vector_norm"}))
 
 
 def op_kind(op):
-    return next((kind for kind, names in OP_KINDS if any(n in op for n in names)), "elementwise")
+    return next((kind for kind, names in OP_KINDS if op in names or any(len(n) > 5 and n in op for n in names)),
+                "elementwise")
+
+
+def matmul_flops(func, args):
+    """FLOPs of an mm, addmm, bmm or baddbmm call, else 0."""
+    name = func.overloadpacket.__name__
+    if name in ("mm", "bmm"):
+        a, b = args[0], args[1]
+    elif name in ("addmm", "baddbmm"):
+        a, b = args[1], args[2]
+    else:
+        return 0
+    return 2 * a.shape[:-1].numel() * a.shape[-1] * b.shape[-1]
 
 
 def profile_step(fn, device):
-    """CPU seconds of one step unprofiled (step_s), and of another under torch.profiler (profiled_s) by kind of op
-    (the ops' self time); 'other' is the profiled step's time no op accounts for: Python, autograd's and the
-    dispatcher's own work, and the profiler's."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where one step's CPU time goes: each ATen op's thread CPU time, taken around the op by a TorchDispatchMode
+    (torch.profiler's times are wall times, which other jobs on a shared machine inflate at random), summed by kind
+    of op. 'other' is the rest of that step's CPU time: Python, autograd's and the dispatcher's own work, and the
+    timer's (step_s is an untimed step's CPU time, for comparison). Matmul FLOP/s: their FLOPs over their time."""
+    from collections import defaultdict
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpTimes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seconds, self.flops = defaultdict(float), defaultdict(int)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.thread_time()
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            self.seconds[name] += time.thread_time() - start
+            self.flops[name] += matmul_flops(func, args)
+            return out
+
     fn()  # warm-up
     start = time.process_time()
     fn()
     total = time.process_time() - start
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with OpTimes() as ops:
         start = time.process_time()
         fn()
         profiled = time.process_time() - start
-    kinds, flops = dict.fromkeys(("matmul", "attention", "elementwise", "optimizer"), 0.0), {"matmul": 0, "attention": 0}
-    for e in prof.key_averages():
-        if e.key.startswith("aten::") or e.key.startswith("torch::"):
-            kind = op_kind(e.key)
-            kinds[kind] += e.self_cpu_time_total / 1e6
-            if kind in flops:
-                flops[kind] += e.flops or 0
-    out = {"step_s": round(total, 4), "profiled_s": round(profiled, 4), "ops_s": {k: round(v, 4) for k, v in kinds.items()}}
+    kinds = dict.fromkeys(("matmul", "attention", "elementwise", "optimizer"), 0.0)
+    flops = {"matmul": 0, "attention": 0}
+    for op, seconds in ops.seconds.items():
+        kind = op_kind(op)
+        kinds[kind] += seconds
+        if kind in flops:
+            flops[kind] += ops.flops[op]
+    out = {"step_s": round(total, 4), "profiled_s": round(profiled, 4),
+           "ops_s": {k: round(v, 4) for k, v in kinds.items()}}
     out["ops_s"]["other"] = round(profiled - sum(kinds.values()), 4)
     out["flop_per_s"] = {k: f / kinds[k] if kinds[k] else None for k, f in flops.items()}
+    out["top_ops_s"] = {op: round(t, 4) for op, t in sorted(ops.seconds.items(), key=lambda x: -x[1])[:12]}
     return out
 
 
@@ -440,9 +471,9 @@ def main():
 
     sections = args.sections.split(",")
     start, load = time.time(), os.getloadavg()[0]
-    report = {"size": {k: getattr(args, k) for k in SIZES["full"]} | {
-                  "tasks": 1, "hidden": 768, "heads": 12, "padding_fraction": padding_fraction(make_batches(args, 2, "cpu")),
-                  "recipe_padding_fraction": padding_fraction(recipe_tasks(args, "cpu")[0])},
+    padding = {"padding_fraction": padding_fraction(make_batches(args, 2, "cpu")),
+               "recipe_padding_fraction": padding_fraction(recipe_tasks(args, "cpu")[0])}
+    report = {"size": {k: getattr(args, k) for k in SIZES["full"]} | {"tasks": 1, "hidden": 768, "heads": 12} | padding,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else
               f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch thread(s)",
               "dtype": args.dtype, "torch": torch.__version__, "repeats": args.repeats, "steps": args.steps,
