@@ -95,19 +95,16 @@ def ce_loss(model, params, batch, total=None):
 
 
 def inner_update(ps, gs, lrs, moments, t, cfg):
-    """The inner optimizer's new values of tensors ps (new tensors, nothing in place) after its step t = 1, 2, ...
-    with gradients gs and one lr per tensor: SGD, or exactly torch.optim.AdamW's step; moments: the (m, v) lists of
-    the previous step or None. One foreach op per line over all tensors: a small model's inner loop is otherwise
-    spent in per-tensor op overhead."""
+    """New values of tensors ps (new tensors, nothing in place) after the inner optimizer's step t = 1, 2, ... with
+    gradients gs, one lr per tensor: SGD, or exactly torch.optim.AdamW's step; moments: the previous (m, v) or None.
+    Foreach ops, one per line over all tensors: a small model's inner loop is otherwise per-tensor op overhead."""
     if cfg.inner_opt == "sgd":
         return torch._foreach_sub(ps, torch._foreach_mul(gs, lrs)), None
     b1, b2 = cfg.inner_betas
     m, v = torch._foreach_mul(gs, 1 - b1), torch._foreach_mul(torch._foreach_mul(gs, 1 - b2), gs)
     if moments:  # m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2
-        m = torch._foreach_add(m, torch._foreach_mul(moments[0], b1))
-        v = torch._foreach_add(v, torch._foreach_mul(moments[1], b2))
-    # sqrt's derivative is infinite at 0 (a fresh LoRA A has zero gradient): 0 x inf would make the meta-gradient
-    # NaN. v floored at 1e-36 has a zero gradient there; the step is AdamW's, as m = 0 wherever v = 0.
+        m, v = (torch._foreach_add(new, torch._foreach_mul(old, b)) for new, old, b in zip((m, v), moments, (b1, b2)))
+    # sqrt' is infinite at 0 (a fresh LoRA A's gradient is 0): flooring v keeps the meta-gradient finite (m = 0 there)
     root = torch._foreach_div(torch._foreach_sqrt(torch._foreach_maximum(v, 1e-36)), math.sqrt(1 - b2 ** t))
     step = torch._foreach_div(torch._foreach_mul(m, [lr / (1 - b1 ** t) for lr in lrs]),
                               torch._foreach_add(root, cfg.inner_eps))
