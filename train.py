@@ -30,8 +30,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from types import SimpleNamespace as Stateful  # any state (a generator, a dict of tensors) with a state_dict
 
 import torch
 import torch.distributed as dist
@@ -43,8 +44,6 @@ from model import PEFT_FILE, CheckpointError, Config, Model, PeftConfig, atomic_
     load_lora_adapter, load_peft, load_pretrained, open_safetensors, read_json, save_lora_adapter, saved_peft_config, \
     theta_phi
 
-# The stages come first; below them, in sections, what they stand on: inputs; run folders, checkpoints and the
-# training loop; several processes (torchrun); the command line.
 METHODS = ("none", "multitask", "maml", "prime")
 
 
@@ -59,9 +58,8 @@ class Interrupted(Exception):
 # ----------------------------------------------------------------------------- stages
 
 def pretrain_stage(args, out, data_dir, model_dir, seed, resume):
-    """MLM pretraining: a tiny encoder from scratch on the testbed's unlabeled text, or continued MLM of --model on
-    --text. Saves an XLMRobertaForMaskedLM-layout checkpoint folder to out/model."""
-    out.mkdir(parents=True, exist_ok=True)
+    """MLM pretraining: a tiny encoder from scratch on the testbed's text, or continued MLM of --model on --text.
+    Saves an XLMRobertaForMaskedLM-layout checkpoint to out/model."""
     tok_dir = model_dir or data_dir
     tok = data.load_tokenizer(tok_dir)
     text = Path(args.text) if args.text else Path(data_dir) / "unlabeled.txt"
@@ -100,7 +98,9 @@ def pretrain_stage(args, out, data_dir, model_dir, seed, resume):
     extra = {"loss_before": held_out_loss()}
     per_epoch = math.ceil(len(train) / args.batch_size)
     epoch_batches = functools.lru_cache(1)(lambda epoch: data.batches(train, args.batch_size, pad, True, seed, epoch))
-    state = {"model": model, "opt": opt, "sched": sched, "masks": Stateful(masks.get_state, masks.set_state)}
+    state = {"model": model, "opt": opt, "sched": sched,
+             "masks": Stateful(state_dict=masks.get_state, load_state_dict=masks.set_state)}
+
     for step, metrics in train_steps(out, "pretrain", args.pretrain_steps, state, extra, args, resume):
         batch = epoch_batches(step // per_epoch)[step % per_epoch]
         with autocast(args, device):
@@ -132,13 +132,12 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
         episodes, pad = episode_config(args, source, prime_langs, args.pairing), tok.token_to_id("<pad>")
         state = {"model": model, "opt": opt, "sched": sched}
         if inner_lrs:
-            state["inner_lrs"] = Stateful(lambda: {k: v.detach().clone() for k, v in inner_lrs.items()},
-                                          lambda saved: copy_into(inner_lrs, saved))
+            state["inner_lrs"] = Stateful(state_dict=lambda: {k: v.detach().clone() for k, v in inner_lrs.items()},
+                                          load_state_dict=lambda saved: copy_into(inner_lrs, saved))
         for step, metrics in train_steps(out, f"prime-{mode}", args.prime_steps, state, None, args, args.resume):
             tasks = data.episodes(examples, episodes, pad, seed, step)
             loss = torch.zeros((), device=device)
-            for i in my_share(len(tasks)):  # the meta-loss is the mean over the tasks
-                seeded(seed, step, i)
+            for i in my_share(len(tasks), seed, step):  # the meta-loss is the mean over the tasks
                 with autocast(args, device):
                     task = tuple(to_device(b, device) for b in tasks[i])
                     loss = loss + metapeft.meta_loss(model, [task], cfg, inner_lrs) / len(tasks)
@@ -153,9 +152,8 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
 
 
 def finetune_stage(args, out, model_dir, data_dir, seed):
-    """Downstream PEFT: theta frozen, PEFT + head trained on the source language until its dev F1 stops improving
-    (patience_exhausted) or the budget ends; the checkpoint with the best source dev F1 is kept (no target-language
-    data is used; --curve-langs only logs their dev F1). Saves out/model."""
+    """Downstream PEFT: theta frozen, PEFT + head trained on the source language until its dev F1 stops improving;
+    the best source-dev checkpoint is kept (--curve-langs only logs their dev F1). Saves out/model."""
     source, curve = resolve_languages(args, data_dir)[0], args.curve_langs.split(",") if args.curve_langs else []
     tok = data.load_tokenizer(model_dir)
     labels, _, train = load_examples(data_dir, "train", [source], tok, None, args.max_len)
@@ -189,14 +187,13 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
     per_epoch = math.ceil(len(train) / args.batch_size)
     epoch_batches = functools.lru_cache(1)(lambda epoch: data.batches(train, args.batch_size, pad, True, seed, epoch))
     eval_every = args.eval_every or per_epoch
-    micro = args.micro_batch or math.ceil(args.batch_size / rank_world()[1])  # check_args: one or more per process
+    micro = args.micro_batch or math.ceil(args.batch_size / rank_world()[1])  # parse_args: one or more per process
     state = {"model": model, "opt": opt, "sched": sched}
     for step, metrics in train_steps(out, "finetune", args.finetune_steps, state, best, args, args.resume):
         batch = epoch_batches(step // per_epoch)[step % per_epoch]
         labelled, params = int(batch["labels"].ne(data.IGNORE).sum()), dict(model.named_parameters())
         loss = torch.zeros((), device=device)
-        for i in my_share(math.ceil(len(batch["labels"]) / micro)):  # the loss is a mean over labelled tokens
-            seeded(seed, step, i)
+        for i in my_share(math.ceil(len(batch["labels"]) / micro), seed, step):  # a mean over labelled tokens
             with autocast(args, device):
                 part = to_device({k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}, device)
                 loss = loss + metapeft.ce_loss(model, params, part, labelled)
@@ -225,9 +222,8 @@ def patience_exhausted(dev_f1s, patience):
 
 
 def eval_stage(args, out, model_dir, data_dir):
-    """Entity F1 on the test split of the source and every evaluation language, and the dev F1 of the source and of
-    the priming languages with a dev split (what hyper-parameter selection may look at: no target-language label).
-    results.json and results.md."""
+    """Test F1 of the source and every evaluation language; dev F1 of the source and of the priming languages with a
+    dev split (what selection may look at: no target-language label). results.json and results.md."""
     source, prime_langs, evals = resolve_languages(args, data_dir)
     tok, peft = data.load_tokenizer(model_dir), saved_peft_config(model_dir)
     model = load_model(model_dir, tok, args, peft=peft)
@@ -272,11 +268,8 @@ def export_stage(args, model_dir, out):
 
 
 def probe_stage(args, out, model_dir, data_dir):
-    """What priming changed, the primed --model against the --base it started from (default: the testbed's encoder):
-    (a) ||theta_primed - theta_base|| / ||theta_base|| per layer group; (b) the priming objective (mode prime, fresh
-    phi) on held-out episodes (seed + 10**6) per priming and target language (targets: their train split, else dev);
-    (c) the PEFT learning curve, dev F1 after 25, 50, 100, ... steps (only the source's selects, in finetune).
-    probe.json and probe.md."""
+    """What priming changed, primed --model against --base: the relative change of theta per layer group, the priming
+    loss on held-out episodes per language, and the PEFT dev-F1 learning curve. probe.json and probe.md."""
     models = {"base": Path(args.base) if args.base else testbed(args, args.testbed_seed)[0], "primed": model_dir}
     source, prime_langs, evals = resolve_languages(args, data_dir)
     base, primed = (theta_phi(load_pretrained(d))[0] for d in models.values())
@@ -287,7 +280,6 @@ def probe_stage(args, out, model_dir, data_dir):
     change = {g: norm(primed[n] - base[n] for n in base if g in ("all", group(n))) /
                  norm(base[n] for n in base if g in ("all", group(n)))
               for g in [*dict.fromkeys(map(group, base)), "all"]}
-
     tok, have = data.load_tokenizer(model_dir), data.languages(data_dir, "train")
     labels, _, examples = load_examples(data_dir, "train", [source] + [l for l in prime_langs + evals if l in have],
                                         tok, None, args.max_len)
@@ -305,7 +297,6 @@ def probe_stage(args, out, model_dir, data_dir):
                                                      data.episodes(examples, episodes, pad, args.seed + 10**6, step)],
                                              cfg).item() for step in range(args.probe_episodes)]
             loss[name][lang] = statistics.mean(losses)
-
     points = [25 * 2 ** k for k in range(int(math.log2(max(1, args.finetune_steps // 25))) + 1)]
     tune = argparse.Namespace(**vars(args) | {"patience": 0, "eval_every": 25, "phi_init": "fresh",
                                               "curve_langs": ",".join(evals)})
@@ -317,7 +308,6 @@ def probe_stage(args, out, model_dir, data_dir):
                        for l in lines if l["step"] in points}
         for f1 in curve[name].values():
             f1["target avg"] = statistics.mean(f1[lang] for lang in evals)
-
     write_json(out / "probe.json", {"base": str(models["base"]), "primed": str(model_dir), "theta_change": change,
                                     "meta_loss": loss, "dev_f1_curve": curve})
     md = ("| layer group | ‖θ primed − θ base‖ / ‖θ base‖ |\n|---|---|\n"
@@ -333,12 +323,12 @@ def probe_stage(args, out, model_dir, data_dir):
 
 
 def experiment_stage(args, out, model_dir, data_dir):
-    """A cell for each seed and method (prime or not -> finetune -> eval), the cells in --jobs processes; with
-    --per-world, seed s on testbed world s (each built once, before the cells). Finished cells are kept, so a killed
-    experiment resumes cell by cell. experiment.json and experiment.md: experiment_report."""
+    """A cell per seed and method (prime or not -> finetune -> eval) in --jobs processes (--per-world: seed s on world
+    s); finished cells are kept, so a killed experiment resumes. experiment.json: each cell's scores (F1 x 100, `avg`
+    the target average, `select`), mean +- std per method, paired differences (mean, 95% t-interval, wins)."""
+
     methods, seeds = args.methods.split(","), list(range(args.seed, args.seed + args.seeds))
-    # Every cell (and world) runs at the same thread count whatever --jobs is, so the table is too (a thread count
-    # changes how float sums are split). 1 thread: the testbed's tiny models gain little from more.
+    # One thread count for every cell whatever --jobs is, so the table is too (it changes how float sums are split).
     threads = args.threads or 1
     jobs = args.jobs or (max(1, os.cpu_count() // threads) if device_of(args).type == "cpu" else 1)
     inputs = dict.fromkeys(seeds, (model_dir, data_dir))
@@ -353,7 +343,45 @@ def experiment_stage(args, out, model_dir, data_dir):
         log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
             f"{100 * result['target_avg_f1']:.1f}")
     results = {m: {s: read_json(out / f"seed{s}" / m / "results.json") for s in seeds} for m in methods}
-    report, table = experiment_report(args, results, source, evals)
+
+    # select: what hyper-parameters are chosen by, the priming languages' mean dev F1 (no target-language label)
+    select = lambda r: statistics.mean([f for l, f in r["dev_f1"].items() if l != source] or [r["dev_f1"][source]])
+    cols = [source] + evals + ["avg", "select"]
+    scores = {m: {s: {l: 100 * r["f1"][l] for l in [source] + evals} | {"avg": 100 * r["target_avg_f1"],
+                                                                         "select": 100 * select(r)}
+                  for s, r in results[m].items()} for m in methods}
+    spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+    summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
+    ordered = sorted(methods, key=METHODS.index)  # a - b for every b before a in none, multitask, maml, prime
+    vs = {f"{a} - {b}": {c: paired([scores[a][s][c] - scores[b][s][c] for s in seeds]) for c in cols}
+          for i, a in enumerate(ordered) for b in ordered[:i]}
+    report = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "paired": vs}
+    runs = {m: {s: [{k: r[k] for k in ("prime_seed", "finetune_seed", "target_avg_f1", "f1", "dev_f1")}
+                    for r in res["runs"]] for s, res in results[m].items() if "runs" in res} for m in methods}
+    if any(runs.values()):
+        report["runs"] = runs
+
+    ci = lambda d: f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
+    table = (f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | selection (dev) "
+             "| Δ avg vs none [95% CI] | wins |\n" + "|---" * (len(cols) + 3) + "|\n")
+    for m in methods:
+        d = vs.get(f"{m} - none", {}).get("avg")
+        cells = [f"{summary[m][c]['mean']:.1f} ± {summary[m][c]['std']:.1f}" for c in cols]
+        cells += [f"{d['mean']:+.1f} {ci(d)}", f"{d['wins']}/{d['n']}"] if d else ["", ""]
+        table += f"| {m} | " + " | ".join(cells) + " |\n"
+    per_cell = {m: cell_runs(args, m) for m in methods}
+    averaged = "" if set(per_cell.values()) == {1} else (
+        " Each cell is the mean of its runs (" + ", ".join(f"{m} {n}" for m, n in per_cell.items())
+        + f": --prime-seeds {args.prime_seeds} x --finetune-seeds {args.finetune_seeds}).")
+    table += (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, "
+              f"{'one testbed world per seed' if args.per_world else 'one world'}.{averaged} Δ: mean per-seed "
+              f"difference from none on the target average, 95% t-interval (-0.0: below zero by less than 0.05); "
+              f"wins: seeds where it beats none. selection: dev F1 of the priming languages (no target labels), what "
+              f"hyper-parameters are chosen by.\n")
+    if vs:
+        table += "\n| paired, target avg | Δ | 95% CI | wins |\n|---|---|---|---|\n" + "".join(
+            f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n"
+            for k, d in vs.items())
     write_json(out / "experiment.json", report)
     write_text(out / "experiment.md", table)
     print(table)
@@ -363,9 +391,8 @@ SEED_STRIDE = 1000  # run r of a cell with seed s uses seed s + 1000 r: the firs
 
 
 def cell(args, run, model_dir, data_dir, method, seed):
-    """One experiment cell: --prime-seeds priming runs with `method` (none: one, unprimed), each fine-tuned
-    --finetune-seeds times and evaluated; the cell scores the mean of its runs (run/results.json, with every run).
-    A cell of one run is that run (seed `seed` for both stages). run/config.json: its resolved flags."""
+    """One experiment cell: --prime-seeds priming runs with `method` (none: one), each fine-tuned --finetune-seeds
+    times and evaluated; it scores the mean of its runs (results.json). A cell of one run is that run."""
     run.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_json(run / "config.json", config | {"method": method, "seed": seed})
@@ -397,54 +424,6 @@ def cell_done(run, n_runs):
     """Whether the cell in folder `run` has finished with n_runs runs (a cell of one run keeps no list of runs)."""
     path = run / "results.json"
     return path.exists() and len(read_json(path).get("runs", [None])) == n_runs
-
-
-def experiment_report(args, results, source, evals):
-    """(experiment.json, experiment.md) of the cells' results[method][seed]: each cell's scores (F1 x 100 per
-    language, `avg` the target average, `select`); each method's mean +- std over the seeds; the paired per-seed
-    differences between methods, their mean, 95% t-interval and wins; every run of cells of several runs."""
-    methods, seeds = list(results), list(results[next(iter(results))])
-    cols = [source] + evals + ["avg", "select"]
-    # select: the mean dev F1 of the priming languages (of the source if none has a dev split), the number that
-    # hyper-parameters are chosen by; no target-language label enters it
-    select = lambda r: 100 * statistics.mean([f for l, f in r["dev_f1"].items() if l != source]
-                                             or [r["dev_f1"][source]])
-    scores = {m: {s: {c: select(r) if c == "select" else 100 * (r["target_avg_f1"] if c == "avg" else r["f1"][c])
-                      for c in cols} for s, r in per_seed.items()} for m, per_seed in results.items()}
-    spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
-    summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
-    ordered = sorted(methods, key=METHODS.index)  # a - b for every b before a in none, multitask, maml, prime
-    vs = {f"{a} - {b}": {c: paired([scores[a][s][c] - scores[b][s][c] for s in seeds]) for c in cols}
-          for i, a in enumerate(ordered) for b in ordered[:i]}
-    report = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "paired": vs}
-    runs = {m: {s: [{k: r[k] for k in ("prime_seed", "finetune_seed", "target_avg_f1", "f1", "dev_f1")}
-                    for r in res["runs"]] for s, res in per_seed.items() if "runs" in res}
-            for m, per_seed in results.items()}
-    if any(runs.values()):
-        report["runs"] = runs
-
-    ci = lambda d: f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
-    table = (f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | selection (dev) "
-             "| Δ avg vs none [95% CI] | wins |\n" + "|---" * (len(cols) + 3) + "|\n")
-    for m in methods:
-        d = vs.get(f"{m} - none", {}).get("avg")
-        cells = [f"{summary[m][c]['mean']:.1f} ± {summary[m][c]['std']:.1f}" for c in cols]
-        cells += [f"{d['mean']:+.1f} {ci(d)}", f"{d['wins']}/{d['n']}"] if d else ["", ""]
-        table += f"| {m} | " + " | ".join(cells) + " |\n"
-    per_cell = {m: cell_runs(args, m) for m in methods}
-    averaged = "" if set(per_cell.values()) == {1} else (
-        " Each cell is the mean of its runs (" + ", ".join(f"{m} {n}" for m, n in per_cell.items())
-        + f": --prime-seeds {args.prime_seeds} x --finetune-seeds {args.finetune_seeds}).")
-    table += (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, "
-              f"{'one testbed world per seed' if args.per_world else 'one world'}.{averaged} Δ: mean per-seed "
-              f"difference from none on the target average, 95% t-interval (-0.0: below zero by less than 0.05); "
-              f"wins: seeds where it beats none. selection: dev F1 of the priming languages (no target labels), what "
-              f"hyper-parameters are chosen by.\n")
-    if vs:
-        table += "\n| paired, target avg | Δ | 95% CI | wins |\n|---|---|---|---|\n" + "".join(
-            f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n"
-            for k, d in vs.items())
-    return report, table
 
 
 def paired(diffs):
@@ -514,23 +493,9 @@ WORLD0_SHA256 = {
 }
 
 
-def shipped_world0(data_dir):
-    """Whether the shipped world-0 encoder fits the world generated in data_dir: its files are the ones shipped
-    (SHA-256) and its tokenizer is the world's (else the world is pretrained here, as any other)."""
-    for name, digest in WORLD0_SHA256.items():
-        if not (WORLD0 / name).exists() or hashlib.sha256((WORLD0 / name).read_bytes()).hexdigest() != digest:
-            raise CheckpointError(f"{WORLD0 / name}: missing or not the shipped file (SHA-256 differs); `git checkout "
-                                  f"world0` restores it")
-    if (data_dir / "tokenizer.json").read_bytes() == (WORLD0 / "tokenizer.json").read_bytes():
-        return True
-    log(f"testbed: {data_dir}/tokenizer.json differs from the shipped {WORLD0}/tokenizer.json (another tokenizers "
-        f"release?): world 0's encoder is pretrained here instead")
-    return False
-
-
 def testbed(args, seed, need_model=True):
-    """The (model_dir, data_dir) of the synthetic testbed world `seed`, generated on first use and cached in
-    <--testbed>-<seed>; the encoder is world 0's shipped one, or MLM-pretrained on the world's text and cached."""
+    """(model_dir, data_dir) of testbed world `seed`, made on first use and cached in <--testbed>-<seed>; the encoder
+    is world 0's shipped one, or MLM-pretrained on the world's text."""
     root = Path(f"{args.testbed}-{seed}")
     model_dir, data_dir = root / "pretrain" / "model", root / "data"
     if not (data_dir / "tokenizer.json").exists():
@@ -540,8 +505,15 @@ def testbed(args, seed, need_model=True):
         data.write_tokenizer(root / "data.tmp")
         shutil.rmtree(data_dir, ignore_errors=True)
         os.replace(root / "data.tmp", data_dir)
-    if need_model and seed == 0 and shipped_world0(data_dir):
-        return WORLD0, data_dir
+    if need_model and seed == 0:
+        for name, digest in WORLD0_SHA256.items():
+            if not (WORLD0 / name).exists() or hashlib.sha256((WORLD0 / name).read_bytes()).hexdigest() != digest:
+                raise CheckpointError(f"{WORLD0 / name}: missing or not the shipped file (SHA-256 differs); `git "
+                                      f"checkout world0` restores it")
+        if (data_dir / "tokenizer.json").read_bytes() == (WORLD0 / "tokenizer.json").read_bytes():
+            return WORLD0, data_dir
+        log(f"testbed: {data_dir}/tokenizer.json differs from the shipped {WORLD0}/tokenizer.json (another tokenizers "
+            f"release?): world 0's encoder is pretrained here instead")
     if need_model and not (model_dir / "tokenizer.json").exists():  # the tokenizer is copied last
         log("testbed: MLM-pretraining a tiny encoder on the testbed's text (once; it is cached)")
         pretrain_stage(args, root / "pretrain", data_dir, None, seed, resume=True)
@@ -549,10 +521,8 @@ def testbed(args, seed, need_model=True):
 
 
 def resolve_inputs(args):
-    """(model_dir, data_dir) by one rule for every stage: what is not given is the synthetic testbed's, so --data
-    alone needs a stage that makes its own model (pretrain), and --model alone a model with the testbed's tokenizer.
-    model_dir is None when pretraining from scratch, data_dir None when pretraining --model on --text alone or
-    exporting --model."""
+    """(model_dir, data_dir): what is not given is the testbed's, so --data alone needs the pretrain stage, and
+    --model alone the testbed's tokenizer. None: pretraining from scratch; exporting, or MLM on --text alone."""
     if args.data is not None and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
     if args.model is not None:
@@ -604,8 +574,7 @@ def resolve_languages(args, data_dir):
 
 
 def load_examples(data_dir, split, langs, tok, labels, max_len):
-    """(labels, sentences, examples) of a split per language. labels=None takes them from the first language's
-    sentences (the source's training data); unknown labels are an error naming the file."""
+    """(labels, sentences, examples) of a split per language; labels=None: the first language's."""
     sents = {lang: data.read_split(data_dir, split, lang) for lang in langs}
     labels = labels or data.label_list(sents[langs[0]])
     label2id = {l: i for i, l in enumerate(labels)}
@@ -615,8 +584,7 @@ def load_examples(data_dir, split, langs, tok, labels, max_len):
 
 
 def episode_config(args, source, query_langs, pairing):
-    """Priming episodes as the flags give them: each task's support holds --support-batches batches of
-    --support-size source sentences (one per inner step), its query --query-size sentences."""
+    """Priming episodes: a task's support holds --support-batches batches of --support-size source sentences."""
     return data.EpisodeConfig(source_langs=(source,), query_langs=tuple(query_langs),
                               support_size=args.support_size * args.support_batches, query_size=args.query_size,
                               tasks_per_step=args.tasks, pairing=pairing)
@@ -629,13 +597,10 @@ def peft_config(args):
 
 
 def prime_config(args, mode):
-    """Priming's config; the inner AdamW decays as the downstream one, by --weight-decay."""
-    return metapeft.PrimeConfig(mode=mode, inner_steps=args.inner_steps, inner_lr=args.inner_lr, meta_sgd=args.meta_sgd,
-                                first_order=args.first_order, inner_backprop=args.inner_backprop,
-                                inner_opt=args.inner_opt, inner_weight_decay=args.weight_decay,
-                                support_batches=args.support_batches, outer=args.outer, phi_start=args.phi_start,
-                                freeze_embeddings=args.freeze_embeddings, lr=args.prime_lr,
-                                weight_decay=args.weight_decay, warmup=args.prime_warmup, clip=args.clip)
+    """Priming's config: the flags named as its fields, and --prime-*; the inner AdamW decays by --weight-decay."""
+    same = {f.name: getattr(args, f.name) for f in fields(metapeft.PrimeConfig) if hasattr(args, f.name)}
+    return metapeft.PrimeConfig(**same | {"mode": mode, "inner_weight_decay": args.weight_decay, "lr": args.prime_lr,
+                                          "warmup": args.prime_warmup})
 
 
 def device_of(args):
@@ -667,8 +632,8 @@ def load_model(model_dir, tok, args, **kw):
 
 
 def save_model(model, out, model_dir):
-    """The model in the Hugging Face layout with the tokenizer beside it, a complete checkpoint, and model_dir's MLM
-    head if the model has none (model.copy_lm_head: it exports as XLMRobertaForMaskedLM). Never non-finite weights."""
+    """The model in the Hugging Face layout, the tokenizer beside it, and model_dir's MLM head if the model has none
+    (so it exports as XLMRobertaForMaskedLM). Never non-finite weights."""
     bad = [n for n, p in model.named_parameters() if not p.isfinite().all()]
     if bad:
         raise UsageError(f"{out}: not saved: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
@@ -715,9 +680,9 @@ def start_run(args, stage):
         if "config.json" not in names:
             raise UsageError(f"--resume: {out}/config.json not found (give --out the folder of the run to resume)")
         old, defaults = read_json(out / "config.json"), vars(make_parser().parse_args([]))
-        # --skip-nonfinite may change: it only decides what a non-finite step does, e.g. one that stopped this run
-        # (--procs too: it splits the same work); a flag added since the run was started is no difference at its
-        # default (which keeps the old behaviour)
+        # --skip-nonfinite (what a non-finite step does) and --procs (how the work is split) may change; a flag added
+        # since the run was started is no difference at its default (which keeps the old behaviour)
+
         diff = sorted(k for k in config.keys() | old.keys() if config.get(k) != old.get(k)
                       and k not in ("skip_nonfinite", "procs")
                       and not (k not in old and config[k] == defaults.get(k)))
@@ -733,13 +698,10 @@ def start_run(args, stage):
 
 
 def train_steps(out, name, total, state, extra, args, resume):
-    """The steps [start, total) of a training stage as (step, metrics): the stage runs the step and puts its numbers
-    in the dict metrics (metrics["stop"] = True ends the run early). Each step is then logged (progress line,
-    metrics.jsonl) and every --ckpt-every steps checkpointed (save_checkpoint: `state`'s objects, `extra`, the RNGs);
-    batches are functions of (seed, step), so with `resume` the run goes on from its checkpoint as if never stopped.
-    Ctrl-C or SIGTERM: the step in progress ends, is checkpointed, and Interrupted is raised. A non-finite metric
-    (metapeft.step then left the weights alone) stops the run, unless it is one of the first --skip-nonfinite such
-    steps. Under torchrun rank 0 alone writes, and all stop at the same step (a stop or a signal is agreed on)."""
+    """The steps [start, total) of a training stage as (step, metrics): the stage runs the step and fills metrics
+    (metrics["stop"] = True ends the run). Each step is logged and every --ckpt-every steps checkpointed (`state`,
+    `extra`, the RNGs), so with `resume` the run goes on as if never stopped. Ctrl-C or SIGTERM: checkpoint, then
+    Interrupted. A non-finite metric stops the run, past --skip-nonfinite. Under torchrun rank 0 alone writes."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_file = out / f"checkpoint-{name}.safetensors", out / "metrics.jsonl"
     start, stop, skipped = load_checkpoint(ckpt, state, extra) if resume and ckpt.exists() else (0, False, 0)
@@ -747,8 +709,13 @@ def train_steps(out, name, total, state, extra, args, resume):
         log(f"{name}: resumed from {ckpt} at step {start}")
     main_rank = rank_world()[0] == 0
     if metrics_file.exists() and main_rank:  # drop what a killed run logged after its last checkpoint
-        write_text(metrics_file, "".join(l + "\n" for l in metrics_file.read_text().splitlines()
-                                         if logged_by_then(l, name, start)))
+        kept = ""
+        for line in metrics_file.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):  # a line cut by a kill, or not ours
+                m = json.loads(line)
+                if m["stage"] != name or m["step"] <= start:
+                    kept += line + "\n"
+        write_text(metrics_file, kept)
     progress, signals = Progress(name, total, start), []
 
     def on_signal(signum, frame):
@@ -761,7 +728,11 @@ def train_steps(out, name, total, state, extra, args, resume):
         for step in range(start, start if stop else total):
             metrics = {}
             yield step, metrics
-            stop, signum = map(int, global_max([metrics.pop("stop", False), signals[0] if signals else 0]))
+            agreed = torch.tensor([metrics.pop("stop", False), signals[0] if signals else 0], dtype=torch.float64)
+            if dist.is_initialized():  # what one process decides, all do
+                agreed = agreed.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+                dist.all_reduce(agreed, dist.ReduceOp.MAX)
+            stop, signum = map(int, agreed.tolist())
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]  # the same on every rank: global sums
             if bad:
                 skipped += 1
@@ -788,15 +759,6 @@ def train_steps(out, name, total, state, extra, args, resume):
             signal.signal(s, h)
 
 
-def logged_by_then(line, name, start):
-    """Whether a metrics.jsonl line was logged before step `start` of stage `name` (or by another stage)."""
-    try:
-        m = json.loads(line)
-        return m["stage"] != name or m["step"] <= start
-    except (json.JSONDecodeError, KeyError, TypeError):  # cut by a kill, or not ours
-        return False
-
-
 class Progress:
     """One self-overwriting line on a terminal, a plain line every `every` steps in a log file."""
 
@@ -820,9 +782,8 @@ class Progress:
 
 
 def save_checkpoint(path, state, extra, step, stop, skipped):
-    """`state`'s objects' state_dicts, `extra`, the RNG states and the loop's counters as plain data, no code: every
-    tensor in one safetensors file under its path (model.encoder..., opt.state.0.exp_avg), the rest as JSON in its
-    metadata; one atomic rename. Non-finite values are refused, so the last good checkpoint stays."""
+    """`state`'s state_dicts, `extra`, the RNGs and the loop's counters as plain data: the tensors in a safetensors
+    file, the rest as JSON in its metadata; non-finite values are refused, so the last good checkpoint stays."""
     blob = {key: obj.state_dict() for key, obj in state.items()} | {
         "step": step, "stop": stop, "skipped": skipped, "extra": extra or {},
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -836,8 +797,7 @@ def save_checkpoint(path, state, extra, step, stop, skipped):
 
 
 def load_checkpoint(path, state, extra):
-    """Restore what save_checkpoint wrote into `state`'s objects, `extra` and the RNGs; returns (step, stop,
-    skipped). Only tensors and JSON are read, so a checkpoint from elsewhere cannot run code."""
+    """Restore what save_checkpoint wrote (tensors and JSON: no code runs); returns (step, stop, skipped)."""
     with open_safetensors(path) as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get("state")
     try:
@@ -859,8 +819,8 @@ JSON_TAGS = ("tensor", "tuple", "items")
 
 
 def to_json(obj, tensors, key=""):
-    """obj as JSON, each tensor moved into `tensors` under its path (opt.state.0.exp_avg) and replaced by
-    {"tensor": path}; tuples and dicts with keys JSON would change (the optimizer's ints) are tagged to come back."""
+    """obj as JSON, each tensor moved into `tensors` under its path and replaced by {"tensor": path}; tuples and
+    dicts with keys JSON would change (the optimizer's ints) tagged."""
     if isinstance(obj, torch.Tensor):
         tensors[key[1:]] = obj.detach().cpu().contiguous()
         return {"tensor": key[1:]}
@@ -884,13 +844,6 @@ def from_json(obj, tensors):
     return [from_json(v, tensors) for v in obj] if isinstance(obj, list) else obj
 
 
-class Stateful:
-    """Gives any state (a random generator, a dict of tensors) the state_dict / load_state_dict of a checkpoint."""
-
-    def __init__(self, get, set):
-        self.state_dict, self.load_state_dict = get, set
-
-
 @torch.no_grad()
 def copy_into(dst, src):
     """Copy each tensor of dict src into the tensor of the same name in dict dst."""
@@ -905,19 +858,9 @@ def rank_world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def dist_setup(args):
-    """Join torchrun's process group when there is more than one process (nccl on GPUs, one GPU per process; gloo
-    on CPU). A plain run starts none."""
-    if rank_world()[1] > 1:
-        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device_of(args).type == "cuda" else None
-        if gpu:
-            torch.cuda.set_device(gpu)
-        dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu)
-
-
 def start_ranks(args, argv):
-    """--procs N > 1 (not under torchrun): this process becomes rank 0 of N gloo processes, as under torchrun, and
-    starts ranks 1..N-1 with the same command line; each gets its share of the cores. Returns their Popen handles."""
+    """--procs N > 1: this process becomes rank 0 of N gloo processes (as under torchrun) and starts ranks 1..N-1
+    with the same command line, each with its share of the cores. Returns their Popen handles."""
     if args.procs < 2 or "WORLD_SIZE" in os.environ:
         return []
     with socket.socket() as s:  # a free port for the process group's rendezvous
@@ -934,26 +877,13 @@ def start_ranks(args, argv):
     return ranks
 
 
-def my_share(n):
-    """The indices of a step's n tasks or micro-batches that this process computes: every world-th from its rank.
-    metapeft.step sums the processes' gradients, so each share's loss is weighted as in the whole step's loss."""
+def my_share(n, seed, step):
+    """This process's share of a step's n tasks or micro-batches, torch's RNG reseeded for each from (seed, step,
+    index): whichever process computes it draws the same, so N processes make the update of one."""
     rank, world = rank_world()
-    return range(rank, n, world)
-
-
-def seeded(seed, step, index):
-    """Reseed torch's RNG (fresh phi draws, dropout) for one task or micro-batch from (seed, step, index): it draws
-    the same numbers whichever process computes it, so N processes make the update of one."""
-    torch.manual_seed((seed * 1_000_003 + step) * 1_000_003 + index)
-
-
-def global_max(values):
-    """The elementwise max over the processes of a list of numbers (itself in a plain run): what one decides, all do."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, dist.ReduceOp.MAX)
-    return t.tolist()
+    for index in range(rank, n, world):
+        torch.manual_seed((seed * 1_000_003 + step) * 1_000_003 + index)
+        yield index
 
 
 def global_sum(t):
@@ -966,9 +896,9 @@ def global_sum(t):
 
 # ----------------------------------------------------------------------------- command line
 
-# The flags' defaults are the dataclasses': PrimeConfig's are the priming recipe the study selected, at the learning
-# rates of xlm-roberta-base. The testbed's tiny encoder needs larger ones and fewer steps: the `testbed` preset, which
-# every run without --data takes (logged, and saved in config.json).
+# The defaults are PrimeConfig's (the study's recipe, at xlm-roberta-base's learning rates) and PeftConfig's; the tiny
+# testbed encoder needs larger rates and fewer steps: the `testbed` preset, which every run without --data takes.
+
 PRIME, PEFT = metapeft.PrimeConfig(), PeftConfig()
 PRESETS = {
     "testbed": {"prime_steps": 60, "prime_lr": 1e-3, "prime_warmup": 10, "inner_lr": 5e-3, "finetune_lr": 5e-3},
@@ -1011,25 +941,20 @@ def make_parser():
       help="pretrain: MLM; prime: meta-learn theta for PEFT; finetune: PEFT on the source language; eval: per-language "
            "test F1; experiment: none/multitask/maml/prime x seeds -> one table; probe: primed --model vs --base; "
            "export: --model in --format to --out")
-    a("--model", help="Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer.json), e.g. "
-      "xlm-roberta-base; omitted: the synthetic testbed's pretrained encoder")
-    a("--data", help="NER data folder: XTREME's {split}-{lang}.tsv or {lang}/{split}.{tsv,conll,jsonl}, the dev split "
-      "also named validation, valid or val; omitted: the synthetic testbed")
+    a("--model", help="Hugging Face checkpoint folder, e.g. xlm-roberta-base; omitted: the testbed's encoder")
+
+    a("--data", help="NER data folder ({split}-{lang}.tsv or {lang}/{split}.{tsv,conll,jsonl}); omitted: the testbed")
     a("--out", help="run folder (one that holds a run needs --resume); omitted: runs/<stage>-<time>")
     a("--resume", action="store_true", help="continue the killed run in --out from its last checkpoint")
     a("--seed", type=at_least_0, default=0, help="seed for initialisation, dropout, batches and episodes")
-    a("--device", choices=("auto", "cpu", "cuda"), default="auto",
-      help="where to train; auto: cuda if a GPU is available, else cpu")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if a GPU is available, else cpu")
     a("--threads", type=at_least_0, default=0, help="CPU threads per process; 0: all cores, but 1 per experiment cell")
-    a("--procs", type=at_least_0, default=0, help="prime: processes on this machine that share each meta-batch's "
-      "tasks (as torchrun: gloo, each with a copy of the model and cores / N threads); 0: one per core, at most "
-      "--tasks, on a CPU; 1 on a GPU (several GPUs: torchrun)")
+    a("--procs", type=at_least_0, default=0, help="prime: processes on this machine sharing each meta-batch's tasks "
+      "(as torchrun, gloo); 0: one per core, at most --tasks, on a CPU; 1 on a GPU (several GPUs: torchrun)")
     a("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast precision on CUDA (CPU: always fp32)")
     a("--ckpt-every", type=at_least_1, default=100, help="steps between checkpoints")
-    a("--skip-nonfinite", type=at_least_0, default=0, help="steps with a non-finite loss or gradient norm to skip (not "
-      "applied; counted in metrics.jsonl) before such a step stops the run")
-    a("--testbed", default="runs/testbed",
-      help="synthetic testbed worlds (data + pretrained model) are cached in <this>-<world seed>")
+    a("--skip-nonfinite", type=at_least_0, default=0, help="non-finite steps to skip (not applied) before one stops")
+    a("--testbed", default="runs/testbed", help="synthetic testbed worlds are cached in <this>-<world seed>")
     a("--testbed-seed", type=at_least_0, default=0, help="seed of the synthetic world")
     a("--format", choices=("hf-mlm", "hf-base", "peft"), default="hf-mlm", help="export: hf-mlm "
       "(XLMRobertaForMaskedLM), hf-base (XLMRobertaModel) or peft (LoRA + head as a peft adapter folder)")
@@ -1045,18 +970,18 @@ def make_parser():
     a("--support-size", type=at_least_1, default=8, help="sentences per support batch")
     a("--support-batches", type=at_least_1, default=PRIME.support_batches,
       help="support batches per task, one per inner step, cycling (1: the K inner steps reuse one batch)")
+
+
     a("--query-size", type=at_least_1, default=8, help="sentences per query batch")
     a("--tasks", type=at_least_1, default=4, help="tasks (support, query pairs) per meta-step")
     a = p.add_argument_group("PEFT (phi)").add_argument
     a("--peft", choices=("lora", "houlsby", "pfeiffer"), default="lora", help="PEFT method simulated in priming and "
       "used downstream (houlsby: adapters after attention and FFN; pfeiffer: after FFN only)")
     a("--lora-r", type=at_least_1, default=PEFT.lora_r, help="LoRA rank")
-    a("--lora-alpha", type=positive_float, default=PEFT.lora_alpha,
-      help="LoRA scaling numerator (update = alpha / r * B A)")
+    a("--lora-alpha", type=positive_float, default=PEFT.lora_alpha, help="LoRA scaling: update = alpha / r * B A")
     a("--lora-dropout", type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=PEFT.lora_dropout,
       help="dropout on LoRA's input")
-    a("--lora-targets", default=",".join(PEFT.lora_targets),
-      help="comma-separated projections: query key value attn_out ffn_in ffn_out")
+    a("--lora-targets", default=",".join(PEFT.lora_targets), help="comma-separated projections that get LoRA")
     a("--adapter-size", type=at_least_1, default=PEFT.adapter_size, help="adapter bottleneck width")
     a("--adapter-act", choices=("relu", "gelu", "tanh"), default=PEFT.adapter_act, help="adapter non-linearity")
     a = p.add_argument_group("priming (MAML)").add_argument
@@ -1082,19 +1007,16 @@ def make_parser():
     a("--prime-warmup", type=at_least_0, default=PRIME.warmup, help="outer warm-up steps")
     a = p.add_argument_group("fine-tuning, evaluation, pretraining").add_argument
     a("--phi-init", default="fresh", help="downstream PEFT + head start: fresh, primed (the meta-learned init saved by "
-      "priming), or a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. trained with "
-      "peft)")
+      "priming), or a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     a("--finetune-steps", type=at_least_0, default=2000, help="most PEFT training steps on the source language")
     a("--patience", type=at_least_0, default=5,
       help="stop fine-tuning after this many source-dev evaluations without a new best F1 (0: run all steps)")
     a("--finetune-lr", type=positive_float, default=PRIME.inner_lr, help="PEFT AdamW learning rate")
-    a("--curve-langs", help="comma-separated languages whose dev F1 finetune also logs (analysis only, never "
-      "selects); omitted: none")
+    a("--curve-langs", help="comma-separated languages whose dev F1 finetune also logs (never selects); omitted: none")
     a("--finetune-warmup", type=at_least_0, default=30, help="PEFT learning-rate warm-up steps, then constant")
     a("--batch-size", type=at_least_1, default=32, help="sentences per fine-tuning / pretraining batch")
-    a("--micro-batch", type=at_least_0, default=0, help="fine-tuning sentences per forward pass; under torchrun the "
-      "processes share a batch's micro-batches, each with its own dropout seed, so a run gives the weights of one "
-      "process with the same value (0: batch size / processes)")
+    a("--micro-batch", type=at_least_0, default=0, help="fine-tuning sentences per forward pass, shared by the "
+      "processes under torchrun (each with its own dropout seed: the same weights as one process); 0: batch / procs")
     a("--eval-every", type=at_least_0, default=100, help="steps between source-dev evaluations (0: once an epoch)")
     a("--eval-batch-size", type=at_least_1, default=64, help="sentences per evaluation batch")
     a("--weight-decay", type=non_negative_float, default=PRIME.weight_decay, help="AdamW weight decay (matrices only)")
@@ -1110,15 +1032,12 @@ def make_parser():
     a("--seeds", type=at_least_1, default=3, help="seeds per method (seed, seed+1, ...)")
     a("--prime-seeds", type=at_least_1, default=1, help="priming runs per cell (seeds seed, seed+1000, ...), each "
       "fine-tuned --finetune-seeds times; the cell scores the mean of its runs (none: one, unprimed)")
-    a("--finetune-seeds", type=at_least_1, default=1,
-      help="fine-tuning runs per primed encoder (seeds seed, seed+1000, ...)")
-    a("--per-world", action="store_true",
-      help="testbed only: seed s runs on its own world, --testbed-seed s (built once each, before the cells)")
-    a("--jobs", type=at_least_0, default=0, help="cells (and worlds) run in this many processes, logs in their "
-      "folders; 0: cores / --threads on a CPU, 1 on a GPU; the table is the same bit for bit for every N")
+    a("--finetune-seeds", type=at_least_1, default=1, help="fine-tuning runs per primed encoder (seed, seed+1000, ...)")
+    a("--per-world", action="store_true", help="testbed only: seed s runs on its own world, --testbed-seed s")
+    a("--jobs", type=at_least_0, default=0, help="processes running the cells (and worlds), logs in their folders; 0: "
+      "cores / --threads on a CPU, 1 on a GPU; the table is the same bit for bit for every N")
     a("--base", help="probe: the unprimed encoder --model was primed from; omitted: the testbed's pretrained one")
-    a("--probe-episodes", type=at_least_1, default=10,
-      help="probe: held-out meta-batches per language for the priming loss")
+    a("--probe-episodes", type=at_least_1, default=10, help="probe: held-out meta-batches per language")
     presets = "; ".join(f"{n}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
                         for n, flags in PRESETS.items())
     a("--preset", choices=sorted(PRESETS), help="new defaults for the flags they name (flags given explicitly keep "
@@ -1127,26 +1046,20 @@ def make_parser():
 
 
 def parse_args(argv=None):
-    """The resolved flags: given ones, then --preset's, then `testbed`'s without --data, then the defaults; checked."""
+    """The resolved flags: given ones, then --preset's, then `testbed`'s without --data, then the defaults; checked
+    (what the flags' types cannot: lists, combinations) before any work, in one line naming the flag."""
     p = make_parser()
     args = p.parse_args(argv)
     for action in p._actions:  # parsed again with no defaults: what remains is what the command line gave
         action.default = argparse.SUPPRESS
     given = vars(p.parse_args(argv))
     args.presets = [args.preset] * bool(args.preset) + ["testbed"] * (args.data is None and args.preset != "testbed")
-    for k, v in [kv for name in args.presets for kv in PRESETS[name].items()]:
+    for k, v in [kv for name in reversed(args.presets) for kv in PRESETS[name].items()]:  # the first one's win
         if k not in given:
             setattr(args, k, v)
-            given[k] = v  # the first preset that names a flag wins
     if args.procs == 0:  # one process per core (each with 1 thread) beats one process with all: a small model's ops
         cpu = args.stage == "prime" and device_of(args).type == "cpu" and "WORLD_SIZE" not in os.environ
         args.procs = min(len(os.sched_getaffinity(0)), args.tasks) if cpu else 1
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    """What the flags' types cannot check (lists, combinations), before any work, in one line naming the flag."""
     for flag in ("methods", "prime_langs", "eval_langs", "curve_langs", "lora_targets"):
         items = (getattr(args, flag) or "").split(",")
         if getattr(args, flag) is not None and ("" in items or len(set(items)) < len(items)):
@@ -1195,6 +1108,7 @@ def check_args(args):
                                 str(e))) from None
     if args.dtype == "bf16" and device_of(args).type == "cpu":
         log("note: --dtype bf16 is autocast on CUDA only; on the CPU this run is fp32")
+    return args
 
 
 def main(argv=None):
@@ -1204,8 +1118,12 @@ def main(argv=None):
         if args.threads:
             torch.set_num_threads(args.threads)
         ranks = start_ranks(args, sys.argv[1:] if argv is None else argv)
-        dist_setup(args)
-        rank = rank_world()[0]
+        rank, world = rank_world()
+        if world > 1:  # torchrun's process group: nccl, one GPU per process, or gloo on CPU
+            gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device_of(args).type == "cuda" else None
+            if gpu:
+                torch.cuda.set_device(gpu)
+            dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu)
         if rank:  # rank 0 makes the testbed, if needed, before the others read it
             dist.barrier()
         try:
