@@ -861,7 +861,7 @@ def rank_world():
 def start_ranks(args, argv):
     """--procs N > 1: this process becomes rank 0 of N gloo processes (as under torchrun) and starts ranks 1..N-1
     with the same command line, each with its share of the cores. Returns their Popen handles."""
-    if args.procs < 2 or "WORLD_SIZE" in os.environ:
+    if args.procs < 2:  # parse_args refuses --procs > 1 under torchrun
         return []
     with socket.socket() as s:  # a free port for the process group's rendezvous
         s.bind(("127.0.0.1", 0))
