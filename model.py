@@ -136,8 +136,7 @@ class Linear(nn.Linear):
         super().__init__(n_in, n_out)
         self.r, self.merged = r, False
         if r:
-            self.lora_A = nn.Parameter(torch.empty(r, n_in))
-            self.lora_B = nn.Parameter(torch.zeros(n_out, r))
+            self.lora_A, self.lora_B = nn.Parameter(torch.empty(r, n_in)), nn.Parameter(torch.zeros(n_out, r))
             self.scaling = alpha / r
             self.lora_dropout = nn.Dropout(dropout)
 
@@ -202,11 +201,11 @@ class Layer(nn.Module):
         self.adapter_attn = adapter(method == "houlsby")
         self.adapter_ffn = adapter(method in ("houlsby", "pfeiffer"))
 
-    def forward(self, x, mask, keep):
+    def forward(self, x, mask, keep, where):
         """x: [tokens, hidden], the real tokens only; mask: [batch, seq], True at real tokens; keep: their flat
-        indices. Attention sees them put back in [batch, seq] (zeros at padding, which the mask hides)."""
+        indices; where: the row of x (len(x): zeros) at each of [batch, seq] positions, where attention sees them."""
         (B, S), H = mask.shape, x.shape[-1]
-        padded = lambda t: t.new_zeros(B * S, H).index_copy(0, keep, t).view(B, S, self.n_heads, -1).transpose(1, 2)
+        padded = lambda t: torch.cat([t, t.new_zeros(1, H)])[where].view(B, S, self.n_heads, -1).transpose(1, 2)
         q, k, v = (padded(p(x)) for p in (self.query, self.key, self.value))
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
                                            dropout_p=self.p_attn if self.training else 0.0)
@@ -235,15 +234,16 @@ class Encoder(nn.Module):
         real = input_ids.ne(self.pad)
         positions = torch.cumsum(real, 1) * real + self.pad  # counted from pad+1 over non-pad tokens
         mask = real if attention_mask is None else attention_mask.bool()
-        # Everything but attention works token by token, so only the real tokens (mask True) go through it:
-        # padding costs no projection, FFN or norm FLOPs. Masked positions' hidden states are returned as 0.
+        # Only the real tokens (mask True) go through the token-wise work: no FLOPs on padding. Attention and the output
+        # put them back by indexing [x; 0] (index_copy's double backward would keep a copy of x); padding returns 0.
         keep = mask.flatten().nonzero().squeeze(1)
+        where = torch.where(mask.flatten(), mask.flatten().cumsum(0) - 1, len(keep))
         ids, positions = input_ids.flatten()[keep], positions.flatten()[keep]
         x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
         x = self.dropout(self.LayerNorm(x))
         for layer in self.layers:
-            x = layer(x, mask, keep)
-        return x.new_zeros(mask.numel(), x.shape[-1]).index_copy(0, keep, x).view(*mask.shape, -1)
+            x = layer(x, mask, keep, where)
+        return torch.cat([x, x.new_zeros(1, x.shape[-1])])[where].view(*mask.shape, -1)
 
 
 class LMHead(nn.Module):
