@@ -4,9 +4,10 @@
 # end last, alone on one core. This second `prime` chain runs, with exactly v4.sh's flags, the highest world whose
 # `none` cell is done and whose `prime` cell is not, but only 3 or more worlds above the lowest unfinished `prime`
 # cell (where v4.sh's chain is), so the two chains never run the same cell; v4.sh's chain skips the cells it finds done.
-#   cd WORKTREE_OF_528169d && PY=/path/to/python nohup nice -n 10 bash /work/main/study/v4-prime-down.sh &
+# FIRST= (default 1001): the first world of this machine's share (v4.sh's FIRST).
+#   cd WORKTREE_OF_528169d && FIRST=1029 PY=/path/to/python nohup nice -n 10 bash /path/to/main/study/v4-prime-down.sh &
 set -uo pipefail
-PY=${PY:-.venv/bin/python} OUT=runs/v4/cells FIRST=1001 LAST=1060
+PY=${PY:-.venv/bin/python} OUT=runs/v4/cells FIRST=${FIRST:-1001} LAST=1060
 export OMP_NUM_THREADS=1
 has() { [ -f $OUT/seed$1/$2/results.json ]; }
 while true; do
