@@ -1147,11 +1147,13 @@ def test_bench_meta_steps_agree_with_the_reference(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- train.py
 
 import train  # noqa: E402
+from study import experiment, probe  # noqa: E402
 
 TINY_RUN = ["--tiny-hidden", "32", "--tiny-layers", "1", "--max-len", "48", "--batch-size", "8", "--tasks", "2",
             "--support-size", "4", "--query-size", "4", "--ckpt-every", "2", "--eval-batch-size", "16",
             "--inner-steps", "2", "--support-batches", "2",  # the default inner loop, shortened
-            "--procs", "1", "--jobs", "1"]  # all in this process: spawned ones would not see the tests' monkeypatches
+            "--procs", "1"]  # all in this process: spawned ones would not see the tests' monkeypatches
+JOBS_1 = ["--jobs", "1"]  # the same for study/experiment.py's cells
 
 
 @pytest.fixture(scope="module")
@@ -1165,9 +1167,10 @@ def tiny_testbed(tmp_path_factory):
     return root / "pre" / "model", root / "data"
 
 
-def run_cli(*argv):
+def run_cli(*argv, main=train.main):
+    """main(argv), train.py's or a study script's (experiment.main, probe.main): its exit code."""
     try:
-        train.main([str(a) for a in argv])
+        main([str(a) for a in argv])
     except SystemExit as e:
         return e.code
     return 0
@@ -1280,7 +1283,7 @@ def test_train_torchrun_gives_the_one_process_weights(tiny_testbed, tmp_path, st
         here = os.path.dirname(os.path.abspath(__file__))
         done = subprocess.run([sys.executable, "train.py", *map(str, argv), "--procs", "2", "--out", tmp_path / "p2"],
                               cwd=here, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0 and done.stderr.count("prime: primed model saved") == 1, done.stderr[-3000:]
+        assert done.returncode == 0 and done.stderr.count("prime: model saved") == 1, done.stderr[-3000:]
         procs = weights(tmp_path / "p2" / "model")
         assert max((one[k] - procs[k]).abs().max() for k in one) < 1e-6
         assert json.loads((tmp_path / "p2" / "config.json").read_text())["procs"] == 2
@@ -1352,11 +1355,11 @@ def test_train_export_and_import(tiny_testbed, tmp_path, monkeypatch, capsys):
         fails_cleanly(capsys, [*argv, "--out", tmp_path / "bad"], message)
 
 
-def fails_cleanly(capsys, argv, message):
-    """train.main(argv) exits with code 2 and prints one line, 'error: ...' with message in it (and no traceback:
-    any exception but SystemExit would fail the test)."""
+def fails_cleanly(capsys, argv, message, main=train.main):
+    """main(argv) exits with code 2 and prints one line, 'error: ...' with message in it (and no traceback: any
+    exception but SystemExit would fail the test)."""
     capsys.readouterr()
-    assert run_cli(*argv) == 2
+    assert run_cli(*argv, main=main) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
@@ -1426,7 +1429,7 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
     ("--tasks two", lambda m, w, t: ["--tasks", "two"], "argument --tasks: invalid int value: 'two'", True),
     ("--stage train", lambda m, w, t: ["--stage", "train"], "argument --stage: invalid choice: 'train'", True),
     ("--mode reptile", lambda m, w, t: ["--mode", "reptile"], "argument --mode: invalid choice: 'reptile'", True),
-    ("--methods", lambda m, w, t: ["--stage", "experiment", "--methods", "none,best"], "unknown method 'best'", True),
+    ("--methods", lambda m, w, t: [experiment.main, "--methods", "none,best"], "unknown method 'best'", True),
     ("--outer", lambda m, w, t: ["--outer", "theta+phi"], "--outer='theta+phi' needs --phi-start='meta'", True),
     ("--inner-backprop", lambda m, w, t: ["--inner-steps", 1, "--no-first-order", "--inner-backprop", 2],
      "--inner-backprop must be in [0, --inner-steps=1]",
@@ -1437,8 +1440,8 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
     ("empty list", lambda m, w, t: ["--prime-langs", ""], "--prime-langs '': expected a comma-separated list", True),
     ("--eval-langs the source", lambda m, w, t: ["--model", m, "--data", w, "--eval-langs", "de,en"],
      "--eval-langs de,en: en is the source language, expected others", False),
-    ("probe without --model", lambda m, w, t: ["--stage", "probe"], "--stage probe: give the primed encoder", True),
-    ("probe curve too short", lambda m, w, t: ["--stage", "probe", "--model", m, "--base", m, "--finetune-steps", 4],
+    ("probe without --model", lambda m, w, t: [probe.main], "probe: give the primed encoder", True),
+    ("probe curve too short", lambda m, w, t: [probe.main, "--model", m, "--base", m, "--finetune-steps", 4],
      "--finetune-steps 4: the learning curve needs at least 25", True),
     ("--text", lambda m, w, t: ["--text", "corpus.txt"], "--text corpus.txt: only for --stage pretrain", True),
     ("--out a file", lambda m, w, t: ["--out", _write(t / "file", "x")], "file: exists and is not a folder", True),
@@ -1447,7 +1450,8 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
     ("export onto --model", lambda m, w, t: ["--stage", "export", "--model", copy_with(m, t / "m", "config.json",
                                                                                       lambda raw: raw), "--out", t / "m"],
      "m: is the --model folder (the export would overwrite its input)", True),
-    ("--per-world", lambda m, w, t: ["--per-world"], "--per-world: only for --stage experiment", True),
+    ("--per-world", lambda m, w, t: [experiment.main, "--per-world", "--data", w], "--per-world: only on the testbed",
+     True),
     ("--max-len > positions", lambda m, w, t: ["--model", m, "--data", w, "--max-len", 49],
      "--max-len 49: {m} has position embeddings for at most 48 tokens", False),
     ("--eval-langs", lambda m, w, t: ["--model", m, "--data", w, "--eval-langs", "xx"],
@@ -1510,7 +1514,8 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
 def test_train_bad_input_is_one_line(tiny_testbed, tmp_path, capsys, what, argv, message, early):
     model, world = tiny_testbed
     argv = argv(model, world, tmp_path)
-    fails_cleanly(capsys, [*TINY_RUN, "--out", tmp_path / "run", *argv], message.format(m=model, t=tmp_path))
+    main = argv.pop(0) if callable(argv[0]) else train.main  # a study script's flags, or train.py's
+    fails_cleanly(capsys, [*TINY_RUN, "--out", tmp_path / "run", *argv], message.format(m=model, t=tmp_path), main)
     assert (tmp_path / "run").exists() != early  # early: rejected before the run folder is made
 
 
@@ -1582,13 +1587,14 @@ def test_world0_ships_byte_identical_and_matches_its_regenerated_world(tmp_path)
 
 def test_train_every_numeric_flag_has_a_range():
     import argparse
-    numeric = {k for k, v in vars(train.parse_args([])).items() if type(v) in (int, float)}
-    types = {a.dest: a.type for a in train.make_parser()._actions if a.dest in numeric}
+    parser = experiment.make_parser  # train.py's flags and the experiment's
+    numeric = {k for k, v in vars(train.parse_args([], parser())).items() if type(v) in (int, float)}
+    types = {a.dest: a.type for a in parser()._actions if a.dest in numeric}
     assert set(types) == numeric
     for check in types.values():  # each flag's type is a range (train.number), which refuses -1
         with pytest.raises(argparse.ArgumentTypeError, match="must be"):
             check("-1")
-    quick = train.parse_args(["--preset", "quick", "--prime-steps", "2"])  # a preset sets defaults, not given flags
+    quick = train.parse_args(["--preset", "quick", "--prime-steps", "2"], parser())  # defaults, not given flags
     assert (quick.prime_steps, quick.finetune_steps, quick.seeds) == (2, 300, 2)
 
 
@@ -1689,11 +1695,11 @@ def test_train_continued_mlm_is_seeded(tiny_testbed, tmp_path):
     assert a == b != (dropout / "model.safetensors").read_bytes()
 
 
-def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):
+def test_experiment_writes_the_table(tiny_testbed, tmp_path):
     model, world = tiny_testbed
-    argv = ["--stage", "experiment", "--model", model, "--data", world, "--out", tmp_path / "x", "--seeds", 2,
-            "--methods", "none,prime", "--prime-steps", 2, "--finetune-steps", 2, *TINY_RUN]
-    assert run_cli(*argv) == 0
+    argv = ["--model", model, "--data", world, "--out", tmp_path / "x", "--seeds", 2,
+            "--methods", "none,prime", "--prime-steps", 2, "--finetune-steps", 2, *TINY_RUN, *JOBS_1]
+    assert run_cli(*argv, main=experiment.main) == 0
     table = (tmp_path / "x" / "experiment.md").read_text()
     result = json.loads((tmp_path / "x" / "experiment.json").read_text())
     summary, diff = result["summary"], result["paired"]["prime - none"]
@@ -1712,18 +1718,18 @@ def test_train_experiment_writes_the_table(tiny_testbed, tmp_path):
     assert set(diff) == set(summary["prime"]) and result["scores"]["prime"]["1"]["avg"] == avg["prime"][1]
     assert table.startswith("| method | en (source) |") and "| prime |" in table and f"| {diff['avg']['wins']}/2 |" in table
     mtime = (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime
-    assert run_cli(*argv) == 0  # finished cells are kept, not rerun
+    assert run_cli(*argv, main=experiment.main) == 0  # finished cells are kept, not rerun
     assert (tmp_path / "x" / "seed0" / "prime" / "results.json").stat().st_mtime == mtime
-    assert run_cli(*argv[:11], "prime,none", *argv[12:]) == 0  # the paired column whatever the order of --methods
+    assert run_cli(*argv[:9], "prime,none", *argv[10:], main=experiment.main) == 0  # whatever the order of --methods
     assert (tmp_path / "x" / "experiment.md").read_text().splitlines()[2] == table.splitlines()[3]
 
 
-def test_train_experiment_cell_is_the_mean_of_its_prime_and_finetune_seeds(tiny_testbed, tmp_path):
+def test_experiment_cell_is_the_mean_of_its_prime_and_finetune_seeds(tiny_testbed, tmp_path):
     model, world = tiny_testbed
     steps = ["--prime-steps", 2, "--finetune-steps", 3, "--eval-every", 1, "--threads", 1, *TINY_RUN]
-    argv = ["--stage", "experiment", "--model", model, "--data", world, "--out", tmp_path / "x", "--seed", 5,
-            "--seeds", 1, "--methods", "none,prime", "--prime-seeds", 2, "--finetune-seeds", 2, *steps]
-    assert run_cli(*argv) == 0
+    argv = ["--model", model, "--data", world, "--out", tmp_path / "x", "--seed", 5, "--seeds", 1, "--methods",
+            "none,prime", "--prime-seeds", 2, "--finetune-seeds", 2, *JOBS_1, *steps]
+    assert run_cli(*argv, main=experiment.main) == 0
     result = json.loads((tmp_path / "x" / "experiment.json").read_text())
     single = {}  # the same runs as single stages: prime with seed p, fine-tune its model with seed f, evaluate
     for p in (None, 5, 1005):
@@ -1746,9 +1752,9 @@ def test_train_experiment_cell_is_the_mean_of_its_prime_and_finetune_seeds(tiny_
         assert result["scores"][m]["5"]["avg"] == 100 * statistics.mean(single[k] for k in keys)  # bit for bit
     assert "Each cell is the mean of its runs (none 2, prime 4" in (tmp_path / "x" / "experiment.md").read_text()
     mtime = (tmp_path / "x" / "seed5" / "prime" / "results.json").stat().st_mtime
-    assert run_cli(*argv) == 0  # finished cells are kept; one with fewer runs than asked for is run again
+    assert run_cli(*argv, main=experiment.main) == 0  # finished cells are kept; one with fewer runs is run again
     assert (tmp_path / "x" / "seed5" / "prime" / "results.json").stat().st_mtime == mtime
-    assert run_cli(*argv[:-len(steps)], "--prime-seeds", 1, "--finetune-seeds", 1, *steps) == 0
+    assert run_cli(*argv[:-len(steps)], "--prime-seeds", 1, "--finetune-seeds", 1, *steps, main=experiment.main) == 0
     assert "runs" not in json.loads((tmp_path / "x" / "seed5" / "prime" / "results.json").read_text())
 
 
@@ -1773,9 +1779,9 @@ def test_train_finetune_stops_early_and_a_stopped_run_stays_stopped(tiny_testbed
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_train_t_quantile():
+def test_experiment_t_quantile():
     for dof, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (8, 2.3060), (30, 2.0423), (1000, 1.9623)):
-        assert train.t_quantile(0.975, dof) == pytest.approx(t, abs=2e-4)
+        assert experiment.t_quantile(0.975, dof) == pytest.approx(t, abs=2e-4)
 
 
 def test_train_progress_eta_rounds_to_whole_seconds(monkeypatch, capsys):
@@ -1785,17 +1791,17 @@ def test_train_progress_eta_rounds_to_whole_seconds(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().endswith("| 0 tok/s ETA 3m00s")
 
 
-def test_train_experiment_jobs_2_gives_the_same_table_as_jobs_1(tiny_testbed, tmp_path):
+def test_experiment_jobs_2_gives_the_same_table_as_jobs_1(tiny_testbed, tmp_path):
     model, world = tiny_testbed
-    argv = ["--stage", "experiment", "--model", model, "--data", world, "--seeds", 2, "--methods", "none,multitask",
+    argv = ["--model", model, "--data", world, "--seeds", 2, "--methods", "none,multitask",
             "--prime-steps", 2, "--finetune-steps", 3, "--eval-every", 1, *TINY_RUN]
     torch.set_num_threads(2)  # what a process has by default on 2 cores: a --jobs 1 cell must not run at it
     try:
-        assert run_cli(*argv, "--out", tmp_path / "j1", "--jobs", 1) == 0
+        assert run_cli(*argv, "--out", tmp_path / "j1", "--jobs", 1, main=experiment.main) == 0
         assert torch.get_num_threads() == 1  # --threads 0: one per cell
     finally:
         torch.set_num_threads(1)
-    assert run_cli(*argv, "--out", tmp_path / "j2", "--jobs", 2) == 0
+    assert run_cli(*argv, "--out", tmp_path / "j2", "--jobs", 2, main=experiment.main) == 0
     assert (tmp_path / "j1" / "experiment.md").read_bytes() == (tmp_path / "j2" / "experiment.md").read_bytes()
     assert (tmp_path / "j1" / "experiment.json").read_bytes() == (tmp_path / "j2" / "experiment.json").read_bytes()
     assert "finetune: best en dev F1" in (tmp_path / "j2" / "seed1" / "multitask" / "log.txt").read_text()
@@ -1803,13 +1809,12 @@ def test_train_experiment_jobs_2_gives_the_same_table_as_jobs_1(tiny_testbed, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_experiment_sigterm_ends_its_cells_and_resumes_to_the_same_table(tiny_testbed, tmp_path):
+def test_experiment_sigterm_ends_its_cells_and_resumes_to_the_same_table(tiny_testbed, tmp_path):
     model, world = tiny_testbed
-    argv = [str(a) for a in ["--stage", "experiment", "--model", model, "--data", world, "--seeds", 2, "--methods",
-                             "none,prime", "--prime-steps", 10, "--finetune-steps", 40, "--patience", 0, *TINY_RUN,
+    argv = [str(a) for a in ["--model", model, "--data", world, "--seeds", 2, "--methods", "none,prime", "--prime-steps", 10, "--finetune-steps", 40, "--patience", 0, *TINY_RUN,
                              "--jobs", 2]]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train.py", *argv, "--out", str(out)], stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "study/experiment.py", *argv, "--out", str(out)], stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__)), start_new_session=True)
     while not list(out.glob("seed*/*/log.txt")) and proc.poll() is None:
         time.sleep(0.2)
@@ -1827,35 +1832,38 @@ def test_train_experiment_sigterm_ends_its_cells_and_resumes_to_the_same_table(t
     else:
         raise AssertionError("processes of the stopped experiment are still running")
     assert not (out / "experiment.json").exists()
-    assert run_cli(*argv, "--out", out, "--resume") == 0 and run_cli(*argv, "--out", tmp_path / "whole") == 0
+    assert run_cli(*argv, "--out", out, "--resume", main=experiment.main) == 0
+    assert run_cli(*argv, "--out", tmp_path / "whole", main=experiment.main) == 0
     assert (out / "experiment.json").read_bytes() == (tmp_path / "whole" / "experiment.json").read_bytes()
 
 
-def test_train_experiment_per_world_builds_one_world_per_seed(tmp_path, monkeypatch):
+def test_experiment_per_world_builds_one_world_per_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "WorldConfig", functools.partial(data.WorldConfig, **_TINY))
     monkeypatch.setattr(data, "write_tokenizer", functools.partial(data.write_tokenizer, vocab_size=600))
-    argv = ["--stage", "experiment", "--per-world", "--testbed", tmp_path / "tb", "--seed", 3, "--seeds", 2,
-            "--methods", "none", "--pretrain-steps", 2, "--finetune-steps", 2, *TINY_RUN]
-    assert run_cli(*argv, "--out", tmp_path / "x") == 0
+    argv = ["--per-world", "--testbed", tmp_path / "tb", "--seed", 3, "--seeds", 2, "--methods", "none",
+            "--pretrain-steps", 2, "--finetune-steps", 2, *TINY_RUN, *JOBS_1]
+    assert run_cli(*argv, "--out", tmp_path / "x", main=experiment.main) == 0
     worlds = [(tmp_path / f"tb-{s}" / "data" / "train-en.tsv").read_text() for s in (3, 4)]
     assert worlds[0] != worlds[1] and (tmp_path / "tb-4" / "pretrain" / "model" / "model.safetensors").exists()
     tokenizer = lambda folder: (folder / "tokenizer.json").read_bytes()
     for s, other in ((3, 4), (4, 3)):  # each cell's model has its own world's tokenizer
         tuned = tokenizer(tmp_path / "x" / f"seed{s}" / "none" / "finetune" / "model")
         assert tuned == tokenizer(tmp_path / f"tb-{s}" / "data") != tokenizer(tmp_path / f"tb-{other}" / "data")
-    assert run_cli(*argv, "--out", tmp_path / "y", "--model", tmp_path / "tb-3" / "pretrain" / "model") == 2
+    assert run_cli(*argv, "--out", tmp_path / "y", "--model", tmp_path / "tb-3" / "pretrain" / "model",
+                   main=experiment.main) == 2
 
 
-def test_train_probe_stage_on_a_tiny_world(tiny_testbed, tmp_path):
+def test_probe_on_a_tiny_world(tiny_testbed, tmp_path):
     model, world = tiny_testbed
+    assert run_cli("--stage", "prime", "--model", model, "--out", tmp_path / "p", "--prime-steps", 2, "--data", world,
+                   *TINY_RUN) == 0
     common = ["--data", world, *TINY_RUN, "--probe-episodes", 2]
-    assert run_cli("--stage", "prime", "--model", model, "--out", tmp_path / "p", "--prime-steps", 2, *common) == 0
     primed = tmp_path / "p" / "model"
     # the probe's episodes are priming's: a new support batch per inner step (--support-batches) works there too
-    assert run_cli("--stage", "probe", "--model", primed, "--base", model, "--out", tmp_path / "probe-batches",
-                   "--finetune-steps", 25, "--inner-steps", 5, "--support-batches", 5, *common) == 0  # > --support-size
-    assert run_cli("--stage", "probe", "--model", primed, "--base", model, "--out", tmp_path / "probe",
-                   "--finetune-steps", 50, *common) == 0
+    assert run_cli("--model", primed, "--base", model, "--out", tmp_path / "probe-batches", "--finetune-steps", 25,
+                   "--inner-steps", 5, "--support-batches", 5, *common, main=probe.main) == 0  # > --support-size
+    assert run_cli("--model", primed, "--base", model, "--out", tmp_path / "probe", "--finetune-steps", 50,
+                   *common, main=probe.main) == 0
     r = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert list(r["theta_change"]) == ["embeddings", "layer 0", "all"] and all(0 < c < 0.1 for c in r["theta_change"].values())
     langs = ["el", "es", "de", "ja", "ru", "tr"]
@@ -1865,7 +1873,7 @@ def test_train_probe_stage_on_a_tiny_world(tiny_testbed, tmp_path):
     assert [l["step"] for l in curve if "dev_f1_ja" in l] == [25, 50]  # patience off, eval every 25 steps
     assert "| layer 0 |" in (tmp_path / "probe" / "probe.md").read_text()
     # the same encoder as both: no change, and the same fresh phi and episodes give the same losses
-    assert run_cli("--stage", "probe", "--model", model, "--base", model, "--out", tmp_path / "same",
-                   "--finetune-steps", 25, *common) == 0
+    assert run_cli("--model", model, "--base", model, "--out", tmp_path / "same", "--finetune-steps", 25, *common,
+                   main=probe.main) == 0
     same = json.loads((tmp_path / "same" / "probe.json").read_text())
     assert same["theta_change"]["all"] == 0 and same["meta_loss"]["base"] == same["meta_loss"]["primed"]

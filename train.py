@@ -1,16 +1,16 @@
-"""metapeft command line: pretrain -> prime -> finetune -> eval, and the experiment that compares them.
+"""metapeft command line: pretrain -> prime -> finetune -> eval, and export.
 
     python train.py --stage prime                      # the built-in synthetic testbed (made on first use)
     python train.py --stage finetune --model runs/prime-.../model
     python train.py --stage eval --model runs/finetune-.../model
-    python train.py --stage experiment --preset quick  # none / multitask / maml / prime, several seeds
     python train.py --stage prime --model xlm-roberta-base/ --data panx/   # real checkpoint and PAN-X data
     python train.py --stage export --model runs/prime-.../model --format hf-mlm --out primed-xlmr/
     torchrun --standalone --nproc_per_node=4 train.py --stage prime ...   # the meta-batch split over 4 processes
 
 Every run writes to its own folder: config.json (all resolved flags) and its outputs; training stages also
 metrics.jsonl and checkpoint-<stage>.safetensors (prime: checkpoint-prime-<mode>; resume with --resume --out DIR).
-See README.md.
+The experiment that compares none / multitask / maml / prime over seeds, and the probe of what priming changed, are
+study/experiment.py and study/probe.py: they run these stages with these flags. See README.md.
 """
 import argparse
 import contextlib
@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -29,8 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace as Stateful  # any state (a generator, a dict of tensors) with a state_dict
 
@@ -100,7 +98,6 @@ def pretrain_stage(args, out, data_dir, model_dir, seed, resume):
     epoch_batches = functools.lru_cache(1)(lambda epoch: data.batches(train, args.batch_size, pad, True, seed, epoch))
     state = {"model": model, "opt": opt, "sched": sched,
              "masks": Stateful(state_dict=masks.get_state, load_state_dict=masks.set_state)}
-
     for step, metrics in train_steps(out, "pretrain", args.pretrain_steps, state, extra, args, resume):
         batch = epoch_batches(step // per_epoch)[step % per_epoch]
         with autocast(args, device):
@@ -164,12 +161,9 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
     model = load_model(model_dir, tok, args, labels=labels, peft=peft)
     theta, phi = theta_phi(model)
     if args.phi_init == "primed":
-        saved = saved_peft_config(model_dir)
-        if saved is None:
-            raise UsageError(f"--phi-init primed: {model_dir} has no meta-learned PEFT init (priming learns one with "
-                             f"--outer theta+phi, or in multitask mode)")
-        if saved != peft:
-            raise UsageError(f"--phi-init primed: {model_dir} has no PEFT init for {peft}")
+        if saved_peft_config(model_dir) != peft:  # none saved, or one of another PEFT configuration
+            raise UsageError(f"--phi-init primed: {model_dir} has no meta-learned PEFT init for {peft} (priming "
+                             f"learns one with --outer theta+phi, or in multitask mode)")
         load_peft(model, model_dir)
     elif args.phi_init == "fresh":  # also replaces a head that priming saved for the same labels
         copy_into(phi, fresh_phi(model))
@@ -265,220 +259,6 @@ def export_stage(args, model_dir, out):
         model = load_pretrained(model_dir, mlm=args.format == "hf-mlm")
         model.save_pretrained(out, layout={"hf-mlm": "mlm", "hf-base": "base"}[args.format])
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
-
-
-def probe_stage(args, out, model_dir, data_dir):
-    """What priming changed, primed --model against --base: the relative change of theta per layer group, the priming
-    loss on held-out episodes per language, and the PEFT dev-F1 learning curve. probe.json and probe.md."""
-    models = {"base": Path(args.base) if args.base else testbed(args, args.testbed_seed)[0], "primed": model_dir}
-    source, prime_langs, evals = resolve_languages(args, data_dir)
-    base, primed = (theta_phi(load_pretrained(d))[0] for d in models.values())
-    if {n: p.shape for n, p in base.items()} != {n: p.shape for n, p in primed.items()}:
-        raise UsageError(f"--base {models['base']} and --model {model_dir}: different architectures")
-    group = lambda n: f"layer {n.split('.')[2]}" if n.startswith("encoder.layers.") else "embeddings"
-    norm = lambda tensors: math.sqrt(sum(t.double().pow(2).sum().item() for t in tensors))
-    change = {g: norm(primed[n] - base[n] for n in base if g in ("all", group(n))) /
-                 norm(base[n] for n in base if g in ("all", group(n)))
-              for g in [*dict.fromkeys(map(group, base)), "all"]}
-    tok, have = data.load_tokenizer(model_dir), data.languages(data_dir, "train")
-    labels, _, examples = load_examples(data_dir, "train", [source] + [l for l in prime_langs + evals if l in have],
-                                        tok, None, args.max_len)
-    examples |= load_examples(data_dir, "dev", [l for l in evals if l not in have], tok, labels, args.max_len)[2]
-    cfg = replace(prime_config(args, "prime"), phi_start="fresh", outer="theta", meta_sgd=False)
-    device, pad, loss = device_of(args), tok.token_to_id("<pad>"), {}
-    for name, folder in models.items():
-        model = load_model(folder, tok, args, labels=labels, peft=peft_config(args)).to(device).train()
-        seed_everything(args.seed)  # the same fresh phi and dropout for both encoders
-        loss[name] = {}
-        for lang in prime_langs + evals:
-            episodes = episode_config(args, source, [lang], "cross")
-            with autocast(args, device):
-                losses = [metapeft.meta_loss(model, [(to_device(s, device), to_device(q, device)) for s, q in
-                                                     data.episodes(examples, episodes, pad, args.seed + 10**6, step)],
-                                             cfg).item() for step in range(args.probe_episodes)]
-            loss[name][lang] = statistics.mean(losses)
-    points = [25 * 2 ** k for k in range(int(math.log2(max(1, args.finetune_steps // 25))) + 1)]
-    tune = argparse.Namespace(**vars(args) | {"patience": 0, "eval_every": 25, "phi_init": "fresh",
-                                              "curve_langs": ",".join(evals)})
-    curve = {}
-    for name, folder in models.items():
-        finetune_stage(tune, out / f"finetune-{name}", folder, data_dir, args.seed)
-        lines = [json.loads(l) for l in (out / f"finetune-{name}" / "metrics.jsonl").read_text().splitlines()]
-        curve[name] = {l["step"]: {source: l["dev_f1"]} | {lang: l[f"dev_f1_{lang}"] for lang in evals}
-                       for l in lines if l["step"] in points}
-        for f1 in curve[name].values():
-            f1["target avg"] = statistics.mean(f1[lang] for lang in evals)
-    write_json(out / "probe.json", {"base": str(models["base"]), "primed": str(model_dir), "theta_change": change,
-                                    "meta_loss": loss, "dev_f1_curve": curve})
-    md = ("| layer group | ‖θ primed − θ base‖ / ‖θ base‖ |\n|---|---|\n"
-          + "".join(f"| {g} | {c:.2e} |\n" for g, c in change.items())
-          + "\n| held-out priming loss | base | primed |\n|---|---|---|\n"
-          + "".join(f"| {lang} ({'priming' if lang in prime_langs else 'target'}) | {loss['base'][lang]:.4f} | "
-                    f"{loss['primed'][lang]:.4f} |\n" for lang in prime_langs + evals)
-          + f"\n| PEFT steps | {source} dev F1 base | primed | target dev F1 avg base | primed |\n" + "|---" * 5 + "|\n"
-          + "".join(f"| {p} | " + " | ".join(f"{100 * curve[m][p][c]:.1f}" for c in (source, "target avg")
-                                             for m in models) + " |\n" for p in points))
-    write_text(out / "probe.md", md)
-    print(md)
-
-
-def experiment_stage(args, out, model_dir, data_dir):
-    """A cell per seed and method (prime or not -> finetune -> eval) in --jobs processes (--per-world: seed s on world
-    s); finished cells are kept, so a killed experiment resumes. experiment.json: each cell's scores (F1 x 100, `avg`
-    the target average, `select`), mean +- std per method, paired differences (mean, 95% t-interval, wins)."""
-
-    methods, seeds = args.methods.split(","), list(range(args.seed, args.seed + args.seeds))
-    # One thread count for every cell whatever --jobs is, so the table is too (it changes how float sums are split).
-    threads = args.threads or 1
-    jobs = args.jobs or (max(1, os.cpu_count() // threads) if device_of(args).type == "cpu" else 1)
-    inputs = dict.fromkeys(seeds, (model_dir, data_dir))
-    if args.per_world:
-        worlds = [(Path(f"{args.testbed}-{s}") / "log.txt", testbed, args, s) for s in seeds]
-        inputs = {call[-1]: dirs for call, dirs in run_jobs(jobs, threads, worlds)}
-    source, _, evals = resolve_languages(args, inputs[seeds[0]][1])
-    todo = [(out / f"seed{s}" / m / "log.txt", cell, args, out / f"seed{s}" / m, *inputs[s], m, s)
-            for s in seeds for m in methods if not cell_done(out / f"seed{s}" / m, cell_runs(args, m))]
-    todo.sort(key=lambda call: call[-2] == "none")  # the short cells last: no process idles while one primes
-    for n, (call, result) in enumerate(run_jobs(jobs, threads, todo), 1):
-        log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
-            f"{100 * result['target_avg_f1']:.1f}")
-    results = {m: {s: read_json(out / f"seed{s}" / m / "results.json") for s in seeds} for m in methods}
-
-    # select: what hyper-parameters are chosen by, the priming languages' mean dev F1 (no target-language label)
-    select = lambda r: statistics.mean([f for l, f in r["dev_f1"].items() if l != source] or [r["dev_f1"][source]])
-    cols = [source] + evals + ["avg", "select"]
-    scores = {m: {s: {l: 100 * r["f1"][l] for l in [source] + evals} | {"avg": 100 * r["target_avg_f1"],
-                                                                         "select": 100 * select(r)}
-                  for s, r in results[m].items()} for m in methods}
-    spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
-    summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
-    ordered = sorted(methods, key=METHODS.index)  # a - b for every b before a in none, multitask, maml, prime
-    vs = {f"{a} - {b}": {c: paired([scores[a][s][c] - scores[b][s][c] for s in seeds]) for c in cols}
-          for i, a in enumerate(ordered) for b in ordered[:i]}
-    report = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "paired": vs}
-    runs = {m: {s: [{k: r[k] for k in ("prime_seed", "finetune_seed", "target_avg_f1", "f1", "dev_f1")}
-                    for r in res["runs"]] for s, res in results[m].items() if "runs" in res} for m in methods}
-    if any(runs.values()):
-        report["runs"] = runs
-
-    ci = lambda d: f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
-    table = (f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | selection (dev) "
-             "| Δ avg vs none [95% CI] | wins |\n" + "|---" * (len(cols) + 3) + "|\n")
-    for m in methods:
-        d = vs.get(f"{m} - none", {}).get("avg")
-        cells = [f"{summary[m][c]['mean']:.1f} ± {summary[m][c]['std']:.1f}" for c in cols]
-        cells += [f"{d['mean']:+.1f} {ci(d)}", f"{d['wins']}/{d['n']}"] if d else ["", ""]
-        table += f"| {m} | " + " | ".join(cells) + " |\n"
-    per_cell = {m: cell_runs(args, m) for m in methods}
-    averaged = "" if set(per_cell.values()) == {1} else (
-        " Each cell is the mean of its runs (" + ", ".join(f"{m} {n}" for m, n in per_cell.items())
-        + f": --prime-seeds {args.prime_seeds} x --finetune-seeds {args.finetune_seeds}).")
-    table += (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, "
-              f"{'one testbed world per seed' if args.per_world else 'one world'}.{averaged} Δ: mean per-seed "
-              f"difference from none on the target average, 95% t-interval (-0.0: below zero by less than 0.05); "
-              f"wins: seeds where it beats none. selection: dev F1 of the priming languages (no target labels), what "
-              f"hyper-parameters are chosen by.\n")
-    if vs:
-        table += "\n| paired, target avg | Δ | 95% CI | wins |\n|---|---|---|---|\n" + "".join(
-            f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n"
-            for k, d in vs.items())
-    write_json(out / "experiment.json", report)
-    write_text(out / "experiment.md", table)
-    print(table)
-
-
-SEED_STRIDE = 1000  # run r of a cell with seed s uses seed s + 1000 r: the first run is the single-run cell's
-
-
-def cell(args, run, model_dir, data_dir, method, seed):
-    """One experiment cell: --prime-seeds priming runs with `method` (none: one), each fine-tuned --finetune-seeds
-    times and evaluated; it scores the mean of its runs (results.json). A cell of one run is that run."""
-    run.mkdir(parents=True, exist_ok=True)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    write_json(run / "config.json", config | {"method": method, "seed": seed})
-    runs, single = [], cell_runs(args, method) == 1
-    for i in range(1 if method == "none" else args.prime_seeds):
-        prime_seed, folder = seed + SEED_STRIDE * i, run if single else run / f"prime{i}"
-        primed = (model_dir if method == "none"
-                  else prime_stage(args, folder / "prime", model_dir, data_dir, method, prime_seed))
-        for j in range(args.finetune_seeds):
-            finetune_seed, leaf = seed + SEED_STRIDE * j, folder if single else folder / f"finetune{j}"
-            tuned = finetune_stage(args, leaf / "finetune", primed, data_dir, finetune_seed)
-            runs.append(eval_stage(args, leaf, tuned, data_dir) | {"prime_seed": prime_seed,
-                                                                    "finetune_seed": finetune_seed})
-    if single:
-        return runs[0]
-    mean = lambda key: {l: statistics.mean(r[key][l] for r in runs) for l in runs[0][key]}
-    result = {"f1": mean("f1"), "dev_f1": mean("dev_f1"),
-              "target_avg_f1": statistics.mean(r["target_avg_f1"] for r in runs), "runs": runs}
-    write_json(run / "results.json", result)
-    return result
-
-
-def cell_runs(args, method):
-    """How many prime -> finetune runs score one cell of `method`."""
-    return (1 if method == "none" else args.prime_seeds) * args.finetune_seeds
-
-
-def cell_done(run, n_runs):
-    """Whether the cell in folder `run` has finished with n_runs runs (a cell of one run keeps no list of runs)."""
-    path = run / "results.json"
-    return path.exists() and len(read_json(path).get("runs", [None])) == n_runs
-
-
-def paired(diffs):
-    """Mean of per-seed paired differences, its 95% t confidence interval (None for one seed), and wins (> 0)."""
-    n, mean = len(diffs), statistics.mean(diffs)
-    half = t_quantile(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
-    return {"mean": mean, "ci95": None if half is None else [mean - half, mean + half],
-            "wins": sum(d > 0 for d in diffs), "n": n}
-
-
-def t_quantile(p, dof):
-    """Student's t quantile for p > 0.5: bisection on the CDF, the CDF by Simpson's rule on the density."""
-    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
-    pdf = lambda t: c * (1 + t * t / dof) ** (-(dof + 1) / 2)
-    cdf = lambda x, n=1000: 0.5 + x / n / 3 * sum((1 if i in (0, n) else 2 + 2 * (i % 2)) * pdf(i * x / n)
-                                                  for i in range(n + 1))
-    lo, hi = 0.0, 1000.0
-    for _ in range(60):
-        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
-    return (lo + hi) / 2
-
-
-def run_jobs(jobs, threads, calls):
-    """Each call (log_file, fn, *fn_args) as fn(*fn_args) at `threads` CPU threads: here when jobs is 1, else in
-    `jobs` spawned processes with their output in log_file. Yields (call, result) as each ends."""
-    if jobs == 1 or len(calls) < 2:
-        torch.set_num_threads(threads)
-        yield from ((call, call[1](*call[2:])) for call in calls)
-        return
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                               initargs=(threads,))
-
-    def stop(signum, frame):  # Ctrl-C or SIGTERM to this process (or to all): the cells are ended below
-        raise Interrupted(f"experiment: stopped by {signal.Signals(signum).name}, its finished cells kept", signum)
-
-    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        futures = {pool.submit(logged, *call): call for call in calls}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
-    except Interrupted:  # here or in a cell: no cell is left running without this process (outputs are atomic)
-        for p in multiprocessing.active_children():
-            p.kill()
-        raise
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        pool.shutdown(cancel_futures=True)
-
-
-def logged(path, fn, *fn_args):
-    """fn(*fn_args) with its standard output and error appended to the file `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        return fn(*fn_args)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -591,16 +371,25 @@ def episode_config(args, source, query_langs, pairing):
 
 
 def peft_config(args):
-    return PeftConfig(method=args.peft, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      lora_targets=tuple(args.lora_targets.split(",")), adapter_size=args.adapter_size,
-                      adapter_act=args.adapter_act)
+    return checked(args, PeftConfig, method=args.peft, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                   lora_dropout=args.lora_dropout, lora_targets=tuple(args.lora_targets.split(",")),
+                   adapter_size=args.adapter_size, adapter_act=args.adapter_act)
 
 
 def prime_config(args, mode):
     """Priming's config: the flags named as its fields, and --prime-*; the inner AdamW decays by --weight-decay."""
     same = {f.name: getattr(args, f.name) for f in fields(metapeft.PrimeConfig) if hasattr(args, f.name)}
-    return metapeft.PrimeConfig(**same | {"mode": mode, "inner_weight_decay": args.weight_decay, "lr": args.prime_lr,
-                                          "warmup": args.prime_warmup})
+    return checked(args, metapeft.PrimeConfig, **same | {"mode": mode, "inner_weight_decay": args.weight_decay,
+                                                         "lr": args.prime_lr, "warmup": args.prime_warmup})
+
+
+def checked(args, config, **kw):
+    """config(**kw), whose own checks fail as a UsageError naming the flags (a field named as a flag is one)."""
+    try:
+        return config(**kw)
+    except ValueError as e:
+        raise UsageError(re.sub(r"\w+", lambda w: "--" + w[0].replace("_", "-") if w[0] in vars(args) else w[0],
+                                str(e))) from None
 
 
 def device_of(args):
@@ -667,8 +456,9 @@ def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def start_run(args, stage):
-    """Create the run folder and write the resolved config (or check it against the one being resumed)."""
+def start_run(args, stage, parser=None):
+    """Create the run folder and write the resolved config (or check it against the one being resumed; parser: the
+    flags' defaults, train.py's by default)."""
     out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     found = [out, sorted(p.name for p in out.iterdir()) if out.is_dir() else []]
     if dist.is_initialized():  # one folder for all processes, named by rank 0's clock, seen before rank 0 writes
@@ -679,10 +469,9 @@ def start_run(args, stage):
     if args.resume:
         if "config.json" not in names:
             raise UsageError(f"--resume: {out}/config.json not found (give --out the folder of the run to resume)")
-        old, defaults = read_json(out / "config.json"), vars(make_parser().parse_args([]))
+        old, defaults = read_json(out / "config.json"), vars((parser or make_parser()).parse_args([]))
         # --skip-nonfinite (what a non-finite step does) and --procs (how the work is split) may change; a flag added
         # since the run was started is no difference at its default (which keeps the old behaviour)
-
         diff = sorted(k for k in config.keys() | old.keys() if config.get(k) != old.get(k)
                       and k not in ("skip_nonfinite", "procs")
                       and not (k not in old and config[k] == defaults.get(k)))
@@ -902,7 +691,7 @@ def global_sum(t):
 PRIME, PEFT = metapeft.PrimeConfig(), PeftConfig()
 PRESETS = {
     "testbed": {"prime_steps": 60, "prime_lr": 1e-3, "prime_warmup": 10, "inner_lr": 5e-3, "finetune_lr": 5e-3},
-    "quick": {"prime_steps": 40, "finetune_steps": 300, "seeds": 2},  # the whole experiment in minutes on 2 cores
+    "quick": {"prime_steps": 40, "finetune_steps": 300, "seeds": 2},  # study/experiment.py in minutes on 2 cores
 }
 
 
@@ -923,26 +712,36 @@ positive_float = number(float, lambda v: 0 < v < math.inf, "a finite number > 0"
 non_negative_float = number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
 
+def names(text):
+    """An argparse type: a comma-separated list (kept as the text), no item empty or repeated."""
+    items = text.split(",")
+    if "" in items or len(set(items)) < len(items):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list, no item empty or repeated")
+    return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, whose errors are one line through main's handler instead of the usage block."""
 
     def error(self, message):  # a number's "argument --tasks: 0: must be >= 1" reads "--tasks 0: must be >= 1"
-        raise UsageError(re.sub(r"^argument (\S+): (\S+: must be )", r"\1 \2", message) + " (see --help)")
+        raise UsageError(re.sub(r"^argument (\S+): (\S+: (must be|expected) )", r"\1 \2", message) + " (see --help)")
 
 
 class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written; every flag's help ends with its default."""
 
 
-def make_parser():
-    p = Parser(description=__doc__, formatter_class=HelpFormat)
+def make_parser(stage=None, description=__doc__):
+    """train.py's flags; with `stage` (study/experiment.py, study/probe.py: they add their own) no --stage flag."""
+    p = Parser(description=description, formatter_class=HelpFormat)
     a = p.add_argument_group("run").add_argument
-    a("--stage", choices=("pretrain", "prime", "finetune", "eval", "experiment", "probe", "export"), default="prime",
-      help="pretrain: MLM; prime: meta-learn theta for PEFT; finetune: PEFT on the source language; eval: per-language "
-           "test F1; experiment: none/multitask/maml/prime x seeds -> one table; probe: primed --model vs --base; "
-           "export: --model in --format to --out")
+    if stage:
+        p.set_defaults(stage=stage)
+    else:
+        a("--stage", choices=("pretrain", "prime", "finetune", "eval", "export"), default="prime",
+          help="pretrain: MLM; prime: meta-learn theta for PEFT; finetune: PEFT on the source language; eval: "
+               "per-language test F1; export: --model in --format to --out")
     a("--model", help="Hugging Face checkpoint folder, e.g. xlm-roberta-base; omitted: the testbed's encoder")
-
     a("--data", help="NER data folder ({split}-{lang}.tsv or {lang}/{split}.{tsv,conll,jsonl}); omitted: the testbed")
     a("--out", help="run folder (one that holds a run needs --resume); omitted: runs/<stage>-<time>")
     a("--resume", action="store_true", help="continue the killed run in --out from its last checkpoint")
@@ -960,9 +759,10 @@ def make_parser():
       "(XLMRobertaForMaskedLM), hf-base (XLMRobertaModel) or peft (LoRA + head as a peft adapter folder)")
     a = p.add_argument_group("data and episodes").add_argument
     a("--source", default="en", help="source language: fine-tuning and episode support batches")
-    a("--prime-langs", help="comma-separated query languages of priming episodes; omitted: the languages with a train "
-      "but no test split (the testbed's es, el), else all but the source")
-    a("--eval-langs", help="comma-separated evaluation (target) languages; omitted: all test languages but the source")
+    a("--prime-langs", type=names, help="comma-separated query languages of priming episodes; omitted: the "
+      "languages with a train but no test split (the testbed's es, el), else all but the source")
+    a("--eval-langs", type=names, help="comma-separated evaluation (target) languages; omitted: all test languages "
+      "but the source")
     a("--max-len", type=number(int, lambda v: v >= 3, ">= 3 (<s>, </s> and one labelled subword)"), default=128,
       help="subword tokens per window; longer sentences are split, not cut")
     a("--pairing", choices=("cross", "same"), default="cross",
@@ -970,8 +770,6 @@ def make_parser():
     a("--support-size", type=at_least_1, default=8, help="sentences per support batch")
     a("--support-batches", type=at_least_1, default=PRIME.support_batches,
       help="support batches per task, one per inner step, cycling (1: the K inner steps reuse one batch)")
-
-
     a("--query-size", type=at_least_1, default=8, help="sentences per query batch")
     a("--tasks", type=at_least_1, default=4, help="tasks (support, query pairs) per meta-step")
     a = p.add_argument_group("PEFT (phi)").add_argument
@@ -981,7 +779,7 @@ def make_parser():
     a("--lora-alpha", type=positive_float, default=PEFT.lora_alpha, help="LoRA scaling: update = alpha / r * B A")
     a("--lora-dropout", type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=PEFT.lora_dropout,
       help="dropout on LoRA's input")
-    a("--lora-targets", default=",".join(PEFT.lora_targets), help="comma-separated projections that get LoRA")
+    a("--lora-targets", type=names, default=",".join(PEFT.lora_targets), help="projections that get LoRA")
     a("--adapter-size", type=at_least_1, default=PEFT.adapter_size, help="adapter bottleneck width")
     a("--adapter-act", choices=("relu", "gelu", "tanh"), default=PEFT.adapter_act, help="adapter non-linearity")
     a = p.add_argument_group("priming (MAML)").add_argument
@@ -1012,7 +810,8 @@ def make_parser():
     a("--patience", type=at_least_0, default=5,
       help="stop fine-tuning after this many source-dev evaluations without a new best F1 (0: run all steps)")
     a("--finetune-lr", type=positive_float, default=PRIME.inner_lr, help="PEFT AdamW learning rate")
-    a("--curve-langs", help="comma-separated languages whose dev F1 finetune also logs (never selects); omitted: none")
+    a("--curve-langs", type=names, help="comma-separated languages whose dev F1 finetune also logs (never "
+      "selects); omitted: none")
     a("--finetune-warmup", type=at_least_0, default=30, help="PEFT learning-rate warm-up steps, then constant")
     a("--batch-size", type=at_least_1, default=32, help="sentences per fine-tuning / pretraining batch")
     a("--micro-batch", type=at_least_0, default=0, help="fine-tuning sentences per forward pass, shared by the "
@@ -1027,17 +826,6 @@ def make_parser():
     a("--tiny-hidden", type=number(int, lambda v: v >= 32 and v % 32 == 0, "a multiple of 32 (heads = width / 32)"),
       default=128, help="testbed encoder width (heads = width / 32)")
     a("--tiny-layers", type=at_least_1, default=4, help="testbed encoder layers")
-    a = p.add_argument_group("experiment").add_argument
-    a("--methods", default=",".join(METHODS), help="comma-separated methods to compare")
-    a("--seeds", type=at_least_1, default=3, help="seeds per method (seed, seed+1, ...)")
-    a("--prime-seeds", type=at_least_1, default=1, help="priming runs per cell (seeds seed, seed+1000, ...), each "
-      "fine-tuned --finetune-seeds times; the cell scores the mean of its runs (none: one, unprimed)")
-    a("--finetune-seeds", type=at_least_1, default=1, help="fine-tuning runs per primed encoder (seed, seed+1000, ...)")
-    a("--per-world", action="store_true", help="testbed only: seed s runs on its own world, --testbed-seed s")
-    a("--jobs", type=at_least_0, default=0, help="processes running the cells (and worlds), logs in their folders; 0: "
-      "cores / --threads on a CPU, 1 on a GPU; the table is the same bit for bit for every N")
-    a("--base", help="probe: the unprimed encoder --model was primed from; omitted: the testbed's pretrained one")
-    a("--probe-episodes", type=at_least_1, default=10, help="probe: held-out meta-batches per language")
     presets = "; ".join(f"{n}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
                         for n, flags in PRESETS.items())
     a("--preset", choices=sorted(PRESETS), help="new defaults for the flags they name (flags given explicitly keep "
@@ -1045,44 +833,28 @@ def make_parser():
     return p
 
 
-def parse_args(argv=None):
-    """The resolved flags: given ones, then --preset's, then `testbed`'s without --data, then the defaults; checked
-    (what the flags' types cannot: lists, combinations) before any work, in one line naming the flag."""
-    p = make_parser()
-    args = p.parse_args(argv)
-    for action in p._actions:  # parsed again with no defaults: what remains is what the command line gave
-        action.default = argparse.SUPPRESS
-    given = vars(p.parse_args(argv))
+def parse_args(argv=None, p=None):
+    """The resolved flags (p: the parser, train.py's by default): given ones, then --preset's, then `testbed`'s
+    without --data, then the defaults; checked (what the flags' types cannot: combinations) before any work, in one
+    line naming the flag."""
+    p = p or make_parser()
+    args, unset = p.parse_args(argv), object()
+    # parsed again into a namespace holding every flag already: argparse then sets no default, only what was given
+    given = [k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
+             if v is not unset]
     args.presets = [args.preset] * bool(args.preset) + ["testbed"] * (args.data is None and args.preset != "testbed")
     for k, v in [kv for name in reversed(args.presets) for kv in PRESETS[name].items()]:  # the first one's win
-        if k not in given:
+        if k not in given and hasattr(args, k):  # `quick`'s --seeds is study/experiment.py's
             setattr(args, k, v)
     if args.procs == 0:  # one process per core (each with 1 thread) beats one process with all: a small model's ops
         cpu = args.stage == "prime" and device_of(args).type == "cpu" and "WORLD_SIZE" not in os.environ
         args.procs = min(len(os.sched_getaffinity(0)), args.tasks) if cpu else 1
-    for flag in ("methods", "prime_langs", "eval_langs", "curve_langs", "lora_targets"):
-        items = (getattr(args, flag) or "").split(",")
-        if getattr(args, flag) is not None and ("" in items or len(set(items)) < len(items)):
-            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: expected a comma-separated list, "
-                             f"no item empty or repeated")
-    if args.stage == "probe" and args.model is None:
-        raise UsageError("--stage probe: give the primed encoder as --model (and the unprimed one as --base)")
-    if args.stage == "probe" and args.base is None and args.data is not None:
-        raise UsageError("--stage probe with --data: give the unprimed encoder as --base")
-    if args.stage == "probe" and args.finetune_steps < 25:
-        raise UsageError(f"--stage probe: --finetune-steps {args.finetune_steps}: the learning curve needs at least 25")
     if args.text and args.stage != "pretrain":
         raise UsageError(f"--text {args.text}: only for --stage pretrain (this is --stage {args.stage})")
     if args.resume and not args.out:
         raise UsageError("--resume needs --out (the folder of the run to resume)")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a folder")
-    methods = args.methods.split(",")
-    for m in methods:
-        if m not in METHODS:
-            raise UsageError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
-    if args.per_world and (args.stage != "experiment" or args.model or args.data):
-        raise UsageError("--per-world: only for --stage experiment on the testbed (no --model, --data)")
     if args.stage == "export" and not args.out:
         raise UsageError("--stage export needs --out (the folder to write the exported checkpoint to)")
     if args.phi_init not in ("fresh", "primed") and not Path(args.phi_init).is_dir():
@@ -1098,23 +870,22 @@ def parse_args(argv=None):
     if world > 1 and args.stage == "finetune" and math.ceil(args.batch_size / micro) < world:
         raise UsageError(f"--micro-batch {micro}: a batch of {args.batch_size} has fewer micro-batches than the "
                          f"{world} processes that share them")
-    modes = {"prime": [args.mode], "probe": ["prime"], "experiment": [m for m in methods if m != "none"]}
-    try:
-        peft_config(args)
-        for m in modes.get(args.stage, []):
-            prime_config(args, m)
-    except ValueError as e:  # PeftConfig's and PrimeConfig's own checks, their field names put as the flags'
-        raise UsageError(re.sub(r"\w+", lambda w: "--" + w[0].replace("_", "-") if w[0] in vars(args) else w[0],
-                                str(e))) from None
+    peft_config(args)
+    if args.stage == "prime":
+        prime_config(args, args.mode)
     if args.dtype == "bf16" and device_of(args).type == "cpu":
         log("note: --dtype bf16 is autocast on CUDA only; on the CPU this run is fp32")
     return args
 
 
-def main(argv=None):
+def main(argv=None, parser=None, check=None, stage=None):
+    """The command line: flags, inputs, run folder, the stage; a user's mistake is one line and exit code 2. A study
+    script (study/experiment.py, study/probe.py) runs its `stage` through it, with its parser and `check`."""
     out, ranks = None, []
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, parser)
+        if check:
+            check(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         ranks = start_ranks(args, sys.argv[1:] if argv is None else argv)
@@ -1127,38 +898,32 @@ def main(argv=None):
         if rank:  # rank 0 makes the testbed, if needed, before the others read it
             dist.barrier()
         try:
-            model_dir, data_dir = (None, None) if args.per_world else resolve_inputs(args)
+            model_dir, data_dir = (None, None) if getattr(args, "per_world", False) else resolve_inputs(args)
         finally:  # also when the inputs are bad: the others then find the same error, and all exit alike
             if dist.is_initialized() and not rank:
                 dist.barrier()
-        out = Path(args.out) if args.stage == "export" else start_run(args, args.stage)  # export: a checkpoint folder
+        out = Path(args.out) if args.stage == "export" else start_run(args, args.stage, parser)  # export: a model
         for name in args.presets * (args.stage in ("prime", "finetune", "experiment", "probe")):  # who uses them
-            log(f"preset {name}: " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in PRESETS[name]))
+            log(f"preset {name}: " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in PRESETS[name]
+                                              if hasattr(args, k)))
         if args.data is None and args.stage not in ("pretrain", "export"):
             log(f"note: using the built-in synthetic testbed ({data_dir or args.testbed + '-<seed>'}); for real work "
                 f"pass --model path/to/xlm-roberta-base --data path/to/panx (see README)")
-        then = "" if args.data is None else f" --data {data_dir}"
-        if args.stage == "pretrain":  # a fresh tiny encoder (no --model), or continued MLM of --model
-            target = pretrain_stage(args, out, data_dir, model_dir, args.seed, args.resume)
-            log(f"pretrain: model saved to {target}")
-        elif args.stage == "prime":
-            primed = prime_stage(args, out, model_dir, data_dir, args.mode, args.seed)
-            log(f"prime: primed model saved to {primed}\nnext: python train.py --stage finetune --model {primed}{then}")
-        elif args.stage == "finetune":
-            tuned = finetune_stage(args, out, model_dir, data_dir, args.seed)
-            log(f"finetune: model saved to {tuned}\nnext: python train.py --stage eval --model {tuned}{then}")
+        if stage:
+            stage(args, out, model_dir, data_dir)
+        elif args.stage == "pretrain":  # a fresh tiny encoder (no --model), or continued MLM of --model
+            log(f"pretrain: model saved to {pretrain_stage(args, out, data_dir, model_dir, args.seed, args.resume)}")
+        elif args.stage in ("prime", "finetune"):
+            saved, then = (prime_stage(args, out, model_dir, data_dir, args.mode, args.seed), "finetune") \
+                if args.stage == "prime" else (finetune_stage(args, out, model_dir, data_dir, args.seed), "eval")
+            log(f"{args.stage}: model saved to {saved}\nnext: python train.py --stage {then} --model {saved}"
+                + ("" if args.data is None else f" --data {data_dir}"))
         elif args.stage == "eval":
             eval_stage(args, out, model_dir, data_dir)
             log(f"eval: results in {out}/results.json and results.md")
-        elif args.stage == "probe":
-            probe_stage(args, out, model_dir, data_dir)
-            log(f"probe: tables in {out}/probe.md, numbers in probe.json")
-        elif args.stage == "export":
+        else:
             export_stage(args, model_dir, out)
             log(f"export: {args.format} checkpoint written to {out}")
-        else:
-            experiment_stage(args, out, model_dir, data_dir)
-            log(f"experiment: table in {out}/experiment.md")
         if dist.is_initialized():  # the processes leave together: gloo may abort one that tears down alone
             dist.barrier()
     except (UsageError, data.DataError, CheckpointError) as e:  # the project's own errors; bugs keep their traceback

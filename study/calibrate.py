@@ -8,11 +8,11 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not study/ (its select.py shadows the stdlib)
 import data  # noqa: E402
-import train  # noqa: E402
+from study import experiment  # noqa: E402
 
 root, seed, knobs = sys.argv[1], int(sys.argv[2]), dict(kv.split("=", 1) for kv in sys.argv[3:])
 # train.testbed() builds the world from data.WorldConfig(seed=...): these knobs change its defaults (--jobs 1: in
 # this process, where the change holds)
 data.WorldConfig = functools.partial(data.WorldConfig, **{k: ast.literal_eval(v) for k, v in knobs.items()})
-train.main(["--stage", "experiment", "--per-world", "--testbed", root, "--seed", str(seed), "--seeds", "1",
-            "--methods", "none", "--threads", "1", "--jobs", "1", "--out", f"{root}/none"])
+experiment.main(["--per-world", "--testbed", root, "--seed", str(seed), "--seeds", "1", "--methods", "none",
+                 "--threads", "1", "--jobs", "1", "--out", f"{root}/none"])

@@ -15,9 +15,9 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 FIRST=${FIRST:-1} N=${N:-10} TESTBED=${TESTBED:-runs/study/testbed} OUT=${OUT:-runs/study/final}
-COMMON="--stage experiment --per-world --testbed $TESTBED --prime-steps 60 --out $OUT"
+COMMON="--per-world --testbed $TESTBED --prime-steps 60 --out $OUT"
 if [ "$1" = table ]; then
-    exec $PY train.py $COMMON --seed $FIRST --seeds $N --methods none,multitask,maml,prime "${@:2}"
+    exec $PY study/experiment.py $COMMON --seed $FIRST --seeds $N --methods none,multitask,maml,prime "${@:2}"
 fi
 method=$1; shift
 export PY COMMON OUT method
@@ -25,4 +25,4 @@ mkdir -p "$(dirname "$OUT")"
 # P worlds at a time (default 1), each cell as soon as its world's `none` cell is done
 seq $FIRST $((FIRST + N - 1)) | xargs -P "${P:-1}" -I {} bash -c '
     until [ "$method" = none ] || [ -f $OUT/seed{}/none/results.json ]; do sleep 10; done
-    $PY train.py $COMMON --seed {} --seeds 1 --methods $method "$@" > $OUT-$method-{}.log 2>&1' _ "$@"
+    $PY study/experiment.py $COMMON --seed {} --seeds 1 --methods $method "$@" > $OUT-$method-{}.log 2>&1' _ "$@"

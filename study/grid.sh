@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1  # one thread per process: two processes with two threads each stall on 2 cores
-COMMON="--stage experiment --per-world --seed 0 --seeds 1 --testbed ${TESTBED:-runs/study/testbed} --prime-steps 60"
+COMMON="--per-world --seed 0 --seeds 1 --testbed ${TESTBED:-runs/study/testbed} --prime-steps 60"
 ADAM="--inner-opt adam --inner-steps 5 --first-order"  # 5 AdamW steps at the downstream lr (--finetune-lr)
 # 20 AdamW steps, each on a new support batch of 8 sentences (160 per task), as real fine-tuning sees new batches
 ADAM20="--inner-opt adam --inner-steps 20 --support-batches 20 --first-order"
@@ -25,5 +25,5 @@ grid=$(for m in prime maml; do for i in "${inner[@]}"; do for lr in $lrs; do
        for lr in $multitask_lrs; do echo "multitask-$lr --methods multitask --prime-lr $lr"; done)
 dir=${OUT:-$dir} none=${OUT:-runs/study/grid}/none  # by default the `none` cell of both grids is the first's
 mkdir -p $dir
-[ -f $none/experiment.json ] || $PY train.py $COMMON --methods none --out $none > $none.log 2>&1  # builds world 0
-echo "$grid" | xargs -P 2 -L 1 bash -c "$PY"' train.py '"$COMMON"' --out '"$dir"'/$0 "$@" > '"$dir"'/$0.log 2>&1'
+[ -f $none/experiment.json ] || $PY study/experiment.py $COMMON --methods none --out $none > $none.log 2>&1  # builds world 0
+echo "$grid" | xargs -P 2 -L 1 bash -c "$PY"' study/experiment.py '"$COMMON"' --out '"$dir"'/$0 "$@" > '"$dir"'/$0.log 2>&1'

@@ -1,6 +1,6 @@
 """One table from the experiment.json files of disjoint worlds (study v4: each machine's worlds have their own, 3.7):
 the per-world scores put together, and each method's mean and the paired differences computed again from them as
-`experiment` computes them (train.paired), in the same order of worlds. Writes the pooled experiment.json to OUT
+study/experiment.py computes them (its paired()), in the same order of worlds. Writes the pooled experiment.json to OUT
 (for verdict.py and compare.py) and prints the paired target-average rows.
 usage: python study/pool.py OUT.json A.json B.json ...   (v4-table.sh runs it)"""
 import json
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not study/ (its select.py shadows the stdlib)
-from train import METHODS, paired  # noqa: E402
+from study.experiment import METHODS, paired  # noqa: E402
 
 out, parts = sys.argv[1], [json.load(open(f)) for f in sys.argv[2:]]
 seeds = sorted(s for part in parts for s in part["seeds"])

@@ -9,6 +9,6 @@ TESTBED=${TESTBED:-runs/study/testbed} OUT=${OUT:-runs/study/random}
 for s in "$@"; do
     [ -f $OUT-$s/encoder/model/model.safetensors ] || \
         $PY train.py --stage pretrain --pretrain-steps 0 --data $TESTBED-$s/data --out $OUT-$s/encoder
-    $PY train.py --stage experiment --methods none --model $OUT-$s/encoder/model \
+    $PY study/experiment.py --methods none --model $OUT-$s/encoder/model \
         --data $TESTBED-$s/data --seed $s --seeds 1 --out $OUT-$s
 done

@@ -1,0 +1,220 @@
+"""The experiment that compares the methods: a cell per seed and method (prime or not -> finetune -> eval, with
+train.py's stages and every train.py flag), in --jobs processes; one table of per-language F1 with each method's
+paired per-seed difference from the others (mean, 95% t-interval, wins).
+
+    python study/experiment.py --preset quick                        # the testbed, 2 seeds: minutes on 2 cores
+    python study/experiment.py --per-world --seed 1 --seeds 10       # seed s on its own testbed world s
+    python study/experiment.py --model xlm-roberta-base/ --data panx/ --methods none,prime --seeds 3
+
+The folder (--out) keeps each cell's runs, config.json and results.json, and experiment.json / experiment.md;
+finished cells are kept, so a killed experiment resumes (the same command with --resume --out DIR).
+"""
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # the repository on the path, not study/ (its select.py would shadow the stdlib's)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import contextlib
+import math
+import multiprocessing
+import os
+import signal
+import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import torch
+import train
+from train import METHODS, UsageError, log, read_json, write_json, write_text
+
+SEED_STRIDE = 1000  # run r of a cell with seed s uses seed s + 1000 r: the first run is the single-run cell's
+
+
+def experiment(args, out, model_dir, data_dir):
+    """Runs the cells not finished yet, then writes experiment.json (each cell's scores: F1 x 100, `avg` the target
+    average, `select` the priming languages' dev F1; mean +- std per method; paired differences) and experiment.md."""
+    methods, seeds = args.methods.split(","), list(range(args.seed, args.seed + args.seeds))
+    # One thread count for every cell whatever --jobs is, so the table is too (it changes how float sums are split).
+    threads = args.threads or 1
+    jobs = args.jobs or (max(1, os.cpu_count() // threads) if train.device_of(args).type == "cpu" else 1)
+    inputs = dict.fromkeys(seeds, (model_dir, data_dir))
+    if args.per_world:
+        worlds = [(Path(f"{args.testbed}-{s}") / "log.txt", train.testbed, args, s) for s in seeds]
+        inputs = {call[-1]: dirs for call, dirs in run_jobs(jobs, threads, worlds)}
+    source, _, evals = train.resolve_languages(args, inputs[seeds[0]][1])
+    todo = [(out / f"seed{s}" / m / "log.txt", cell, args, out / f"seed{s}" / m, *inputs[s], m, s)
+            for s in seeds for m in methods if not cell_done(out / f"seed{s}" / m, cell_runs(args, m))]
+    todo.sort(key=lambda call: call[-2] == "none")  # the short cells last: no process idles while one primes
+    for n, (call, result) in enumerate(run_jobs(jobs, threads, todo), 1):
+        log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
+            f"{100 * result['target_avg_f1']:.1f}")
+    results = {m: {s: read_json(out / f"seed{s}" / m / "results.json") for s in seeds} for m in methods}
+
+    # select: what hyper-parameters are chosen by, the priming languages' mean dev F1 (no target-language label)
+    select = lambda r: statistics.mean([f for l, f in r["dev_f1"].items() if l != source] or [r["dev_f1"][source]])
+    cols = [source] + evals + ["avg", "select"]
+    scores = {m: {s: {l: 100 * r["f1"][l] for l in [source] + evals} | {"avg": 100 * r["target_avg_f1"],
+                                                                         "select": 100 * select(r)}
+                  for s, r in results[m].items()} for m in methods}
+    spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+    summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
+    ordered = sorted(methods, key=METHODS.index)  # a - b for every b before a in none, multitask, maml, prime
+    vs = {f"{a} - {b}": {c: paired([scores[a][s][c] - scores[b][s][c] for s in seeds]) for c in cols}
+          for i, a in enumerate(ordered) for b in ordered[:i]}
+    report = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "paired": vs}
+    runs = {m: {s: [{k: r[k] for k in ("prime_seed", "finetune_seed", "target_avg_f1", "f1", "dev_f1")}
+                    for r in res["runs"]] for s, res in results[m].items() if "runs" in res} for m in methods}
+    if any(runs.values()):
+        report["runs"] = runs
+
+    ci = lambda d: f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" if d["ci95"] else ""
+    table = (f"| method | {source} (source) | " + " | ".join(evals) + " | target avg | selection (dev) "
+             "| Δ avg vs none [95% CI] | wins |\n" + "|---" * (len(cols) + 3) + "|\n")
+    for m in methods:
+        d = vs.get(f"{m} - none", {}).get("avg")
+        cells = [f"{summary[m][c]['mean']:.1f} ± {summary[m][c]['std']:.1f}" for c in cols]
+        cells += [f"{d['mean']:+.1f} {ci(d)}", f"{d['wins']}/{d['n']}"] if d else ["", ""]
+        table += f"| {m} | " + " | ".join(cells) + " |\n"
+    per_cell = {m: cell_runs(args, m) for m in methods}
+    averaged = "" if set(per_cell.values()) == {1} else (
+        " Each cell is the mean of its runs (" + ", ".join(f"{m} {n}" for m, n in per_cell.items())
+        + f": --prime-seeds {args.prime_seeds} x --finetune-seeds {args.finetune_seeds}).")
+    table += (f"\nEntity F1 (x100) on test, mean ± std over {args.seeds} seed(s) from {args.seed}, "
+              f"{'one testbed world per seed' if args.per_world else 'one world'}.{averaged} Δ: mean per-seed "
+              f"difference from none on the target average, 95% t-interval (-0.0: below zero by less than 0.05); "
+              f"wins: seeds where it beats none. selection: dev F1 of the priming languages (no target labels), what "
+              f"hyper-parameters are chosen by.\n")
+    if vs:
+        table += "\n| paired, target avg | Δ | 95% CI | wins |\n|---|---|---|---|\n" + "".join(
+            f"| {k} | {d['avg']['mean']:+.1f} | {ci(d['avg'])} | {d['avg']['wins']}/{d['avg']['n']} |\n"
+            for k, d in vs.items())
+    write_json(out / "experiment.json", report)
+    write_text(out / "experiment.md", table)
+    print(table)
+    log(f"experiment: table in {out}/experiment.md")
+
+
+def cell(args, run, model_dir, data_dir, method, seed):
+    """One experiment cell: --prime-seeds priming runs with `method` (none: one), each fine-tuned --finetune-seeds
+    times and evaluated; it scores the mean of its runs (results.json). A cell of one run is that run."""
+    run.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_json(run / "config.json", config | {"method": method, "seed": seed})
+    runs, single = [], cell_runs(args, method) == 1
+    for i in range(1 if method == "none" else args.prime_seeds):
+        prime_seed, folder = seed + SEED_STRIDE * i, run if single else run / f"prime{i}"
+        primed = (model_dir if method == "none"
+                  else train.prime_stage(args, folder / "prime", model_dir, data_dir, method, prime_seed))
+        for j in range(args.finetune_seeds):
+            finetune_seed, leaf = seed + SEED_STRIDE * j, folder if single else folder / f"finetune{j}"
+            tuned = train.finetune_stage(args, leaf / "finetune", primed, data_dir, finetune_seed)
+            runs.append(train.eval_stage(args, leaf, tuned, data_dir) | {"prime_seed": prime_seed,
+                                                                          "finetune_seed": finetune_seed})
+    if single:
+        return runs[0]
+    mean = lambda key: {l: statistics.mean(r[key][l] for r in runs) for l in runs[0][key]}
+    result = {"f1": mean("f1"), "dev_f1": mean("dev_f1"),
+              "target_avg_f1": statistics.mean(r["target_avg_f1"] for r in runs), "runs": runs}
+    write_json(run / "results.json", result)
+    return result
+
+
+def cell_runs(args, method):
+    """How many prime -> finetune runs score one cell of `method`."""
+    return (1 if method == "none" else args.prime_seeds) * args.finetune_seeds
+
+
+def cell_done(run, n_runs):
+    """Whether the cell in folder `run` has finished with n_runs runs (a cell of one run keeps no list of runs)."""
+    path = run / "results.json"
+    return path.exists() and len(read_json(path).get("runs", [None])) == n_runs
+
+
+def paired(diffs):
+    """Mean of per-seed paired differences, its 95% t confidence interval (None for one seed), and wins (> 0)."""
+    n, mean = len(diffs), statistics.mean(diffs)
+    half = t_quantile(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+    return {"mean": mean, "ci95": None if half is None else [mean - half, mean + half],
+            "wins": sum(d > 0 for d in diffs), "n": n}
+
+
+def t_quantile(p, dof):
+    """Student's t quantile for p > 0.5: bisection on the CDF, the CDF by Simpson's rule on the density."""
+    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+    pdf = lambda t: c * (1 + t * t / dof) ** (-(dof + 1) / 2)
+    cdf = lambda x, n=1000: 0.5 + x / n / 3 * sum((1 if i in (0, n) else 2 + 2 * (i % 2)) * pdf(i * x / n)
+                                                  for i in range(n + 1))
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def run_jobs(jobs, threads, calls):
+    """Each call (log_file, fn, *fn_args) as fn(*fn_args) at `threads` CPU threads: here when jobs is 1, else in
+    `jobs` spawned processes with their output in log_file. Yields (call, result) as each ends."""
+    if jobs == 1 or len(calls) < 2:
+        torch.set_num_threads(threads)
+        yield from ((call, call[1](*call[2:])) for call in calls)
+        return
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(threads,))
+
+    def stop(signum, frame):  # Ctrl-C or SIGTERM to this process (or to all): the cells are ended below
+        raise train.Interrupted(f"experiment: stopped by {signal.Signals(signum).name}, its finished cells kept",
+                                signum)
+
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        futures = {pool.submit(logged, *call): call for call in calls}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    except train.Interrupted:  # here or in a cell: no cell is left running without this process (outputs are atomic)
+        for p in multiprocessing.active_children():
+            p.kill()
+        raise
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        pool.shutdown(cancel_futures=True)
+
+
+def logged(path, fn, *fn_args):
+    """fn(*fn_args) with its standard output and error appended to the file `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return fn(*fn_args)
+
+
+def make_parser():
+    """train.py's flags (every cell runs with them) and the experiment's."""
+    p = train.make_parser("experiment", __doc__)
+    a = p.add_argument_group("experiment").add_argument
+    a("--methods", type=train.names, default=",".join(METHODS), help="comma-separated methods to compare")
+    a("--seeds", type=train.at_least_1, default=3, help="seeds per method (seed, seed+1, ...)")
+    a("--prime-seeds", type=train.at_least_1, default=1, help="priming runs per cell (seeds seed, seed+1000, ...), "
+      "each fine-tuned --finetune-seeds times; the cell scores the mean of its runs (none: one, unprimed)")
+    a("--finetune-seeds", type=train.at_least_1, default=1,
+      help="fine-tuning runs per primed encoder (seed, seed+1000, ...)")
+    a("--per-world", action="store_true", help="testbed only: seed s runs on its own world, --testbed-seed s")
+    a("--jobs", type=train.at_least_0, default=0, help="processes running the cells (and worlds), logs in their "
+      "folders; 0: cores / --threads on a CPU, 1 on a GPU; the table is the same bit for bit for every N")
+    return p
+
+
+def check(args):
+    """What the flags' types cannot check: combinations, and each method's priming configuration."""
+    if args.per_world and (args.model or args.data):
+        raise UsageError("--per-world: only on the testbed (no --model, --data)")
+    for m in args.methods.split(","):
+        if m not in METHODS:
+            raise UsageError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
+        if m != "none":
+            train.prime_config(args, m)
+
+
+def main(argv=None):
+    train.main(argv, make_parser(), check, experiment)
+
+
+if __name__ == "__main__":
+    main()
