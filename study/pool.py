@@ -2,7 +2,7 @@
 the per-world scores put together, and each method's mean and the paired differences computed again from them as
 study/experiment.py computes them (its paired()), in the same order of worlds. Writes the pooled experiment.json to OUT
 (for verdict.py and compare.py) and prints the paired target-average rows.
-usage: python study/pool.py OUT.json A.json B.json ...   (v4-table.sh runs it)"""
+usage: python study/pool.py OUT.json A.json B.json ...   (table.sh runs it)"""
 import json
 import statistics
 import sys
