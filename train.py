@@ -19,12 +19,10 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -69,7 +67,7 @@ def pretrain_stage(args, out, data_dir, model_dir, seed, resume):
     rows = [e.ids[:args.max_len - 1] + [tok.token_to_id("</s>")] for e in tok.encode_batch(lines)]
     examples = [data.Example(r, [data.IGNORE] * len(r), i, []) for i, r in enumerate(rows)]
     held_out, train = examples[::50], [e for i, e in enumerate(examples) if i % 50]
-    seed_everything(seed)  # initialisation, or continued MLM's dropout
+    torch.manual_seed(seed)  # initialisation, or continued MLM's dropout
     if model_dir:
         model = load_model(model_dir, tok, args, mlm=True)
     else:  # no dropout: the tiny encoder's MLM loss falls faster without it
@@ -91,7 +89,7 @@ def pretrain_stage(args, out, data_dir, model_dir, seed, resume):
             losses = [metapeft.mlm_loss(model, to_device(b, device), mask_id, vocab, g).item()
                       for b in data.batches(held_out, args.batch_size, pad)]
         model.train()
-        return statistics.mean(losses)
+        return sum(losses) / len(losses)
 
     extra = {"loss_before": held_out_loss()}
     per_epoch = math.ceil(len(train) / args.batch_size)
@@ -117,7 +115,7 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
     source, prime_langs, _ = resolve_languages(args, data_dir)
     tok = data.load_tokenizer(model_dir)
     labels, _, examples = load_examples(data_dir, "train", [source] + prime_langs, tok, None, args.max_len)
-    seed_everything(seed)
+    torch.manual_seed(seed)
     model = load_model(model_dir, tok, args, labels=labels, peft=peft_config(args))
     cfg, device = prime_config(args, mode), device_of(args)
     model.to(device).train()
@@ -129,8 +127,9 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
         episodes, pad = episode_config(args, source, prime_langs, args.pairing), tok.token_to_id("<pad>")
         state = {"model": model, "opt": opt, "sched": sched}
         if inner_lrs:
-            state["inner_lrs"] = Stateful(state_dict=lambda: {k: v.detach().clone() for k, v in inner_lrs.items()},
-                                          load_state_dict=lambda saved: copy_into(inner_lrs, saved))
+            state["inner_lrs"] = Stateful(
+                state_dict=lambda: {k: v.detach().clone() for k, v in inner_lrs.items()},
+                load_state_dict=lambda saved: [inner_lrs[k].detach().copy_(v) for k, v in saved.items()])
         for step, metrics in train_steps(out, f"prime-{mode}", args.prime_steps, state, None, args, args.resume):
             tasks = data.episodes(examples, episodes, pad, seed, step)
             loss = torch.zeros((), device=device)
@@ -156,7 +155,7 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
     labels, _, train = load_examples(data_dir, "train", [source], tok, None, args.max_len)
     _, dev_sents, dev = load_examples(data_dir, "dev", [source] + curve, tok, labels, args.max_len)
     train = train[source]
-    seed_everything(seed)
+    torch.manual_seed(seed)
     peft = peft_config(args)
     model = load_model(model_dir, tok, args, labels=labels, peft=peft)
     theta, phi = theta_phi(model)
@@ -166,7 +165,7 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
                              f"learns one with --outer theta+phi, or in multitask mode)")
         load_peft(model, model_dir)
     elif args.phi_init == "fresh":  # also replaces a head that priming saved for the same labels
-        copy_into(phi, fresh_phi(model))
+        model.load_state_dict(fresh_phi(model), strict=False)
     else:  # a peft adapter folder: LoRA and head, e.g. trained with peft
         load_lora_adapter(model, args.phi_init)
     for p in theta.values():
@@ -202,7 +201,7 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
             if f1 > best["f1"]:
                 best.update(f1=f1, step=step + 1, phi={n: p.detach().clone() for n, p in phi.items()})
             metrics["stop"] = patience_exhausted(best["dev_f1s"], args.patience)
-    copy_into(phi, best["phi"])
+    model.load_state_dict(best["phi"], strict=False)
     log(f"finetune: best {source} dev F1 {best['f1']:.4f} at step {best['step']} ({len(best['dev_f1s'])} dev "
         f"evaluations)" if best["dev_f1s"] else "finetune: no steps, phi saved as initialised (no dev evaluation)")
     if rank_world()[0] == 0:
@@ -447,11 +446,6 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -575,7 +569,7 @@ def save_checkpoint(path, state, extra, step, stop, skipped):
     file, the rest as JSON in its metadata; non-finite values are refused, so the last good checkpoint stays."""
     blob = {key: obj.state_dict() for key, obj in state.items()} | {
         "step": step, "stop": stop, "skipped": skipped, "extra": extra or {},
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+        "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     tensors = {}
     meta = json.dumps(to_json(blob, tensors))
@@ -596,7 +590,6 @@ def load_checkpoint(path, state, extra):
         if extra is not None:
             extra.update(saved["extra"])
         torch.set_rng_state(saved["rng"]["torch"])
-        random.setstate(saved["rng"]["python"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         return int(saved["step"]), bool(saved["stop"]), int(saved["skipped"])
@@ -631,13 +624,6 @@ def from_json(obj, tensors):
     if isinstance(obj, dict):
         return {k: from_json(v, tensors) for k, v in obj.items()}
     return [from_json(v, tensors) for v in obj] if isinstance(obj, list) else obj
-
-
-@torch.no_grad()
-def copy_into(dst, src):
-    """Copy each tensor of dict src into the tensor of the same name in dict dst."""
-    for k, v in src.items():
-        dst[k].copy_(v)
 
 
 # ----------------------------------------------------------------------------- several processes (torchrun)

@@ -16,6 +16,8 @@ import math
 import statistics
 from dataclasses import replace
 
+import torch
+
 import data
 import metapeft
 import train
@@ -43,7 +45,7 @@ def probe(args, out, model_dir, data_dir):
     device, pad, loss = train.device_of(args), tok.token_to_id("<pad>"), {}
     for name, folder in models.items():
         model = train.load_model(folder, tok, args, labels=labels, peft=train.peft_config(args)).to(device).train()
-        train.seed_everything(args.seed)  # the same fresh phi and dropout for both encoders
+        torch.manual_seed(args.seed)  # the same fresh phi and dropout for both encoders
         loss[name] = {}
         for lang in prime_langs + evals:
             episodes = train.episode_config(args, source, [lang], "cross")
