@@ -9,8 +9,7 @@
 
 Every run writes to its own folder: config.json (all resolved flags) and its outputs; training stages also
 metrics.jsonl and checkpoint-<stage>.safetensors (prime: checkpoint-prime-<mode>; resume with --resume --out DIR).
-The experiment that compares none / multitask / maml / prime over seeds, and the probe of what priming changed, are
-study/experiment.py and study/probe.py: they run these stages with these flags. See README.md.
+study/experiment.py (none / multitask / maml / prime over seeds) and study/probe.py run these stages. See README.md.
 """
 import argparse
 import contextlib
@@ -127,9 +126,8 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
         episodes, pad = episode_config(args, source, prime_langs, args.pairing), tok.token_to_id("<pad>")
         state = {"model": model, "opt": opt, "sched": sched}
         if inner_lrs:
-            state["inner_lrs"] = Stateful(
-                state_dict=lambda: {k: v.detach().clone() for k, v in inner_lrs.items()},
-                load_state_dict=lambda saved: [inner_lrs[k].detach().copy_(v) for k, v in saved.items()])
+            state["inner_lrs"] = Stateful(state_dict=lambda: inner_lrs, load_state_dict=lambda saved: [
+                inner_lrs[k].detach().copy_(v) for k, v in saved.items()])
         for step, metrics in train_steps(out, f"prime-{mode}", args.prime_steps, state, None, args, args.resume):
             tasks = data.episodes(examples, episodes, pad, seed, step)
             loss = torch.zeros((), device=device)
@@ -306,11 +304,9 @@ def resolve_inputs(args):
         raise UsageError(f"--data {args.data}: not a folder")
     if args.model is not None:
         model = Path(args.model)
-        for need in ("config.json", "tokenizer.json"):
-            if not (model / need).exists():
-                raise UsageError(f"--model {model}: no {need} (expected a Hugging Face checkpoint folder)")
-        if not list(model.glob("model.safetensors*")):
-            raise UsageError(f"--model {model}: no model.safetensors (or its sharded index)")
+        for need in ("config.json", "tokenizer.json", "model.safetensors*"):  # *: or a sharded one's index
+            if not list(model.glob(need)):
+                raise UsageError(f"--model {model}: no {need.rstrip('*')} (expected a Hugging Face checkpoint folder)")
     pretraining = args.stage == "pretrain"
     if args.data is not None:
         if args.model is None and not pretraining:
@@ -466,9 +462,8 @@ def start_run(args, stage, parser=None):
         old, defaults = read_json(out / "config.json"), vars((parser or make_parser()).parse_args([]))
         # --skip-nonfinite (what a non-finite step does) and --procs (how the work is split) may change; a flag added
         # since the run was started is no difference at its default (which keeps the old behaviour)
-        diff = sorted(k for k in config.keys() | old.keys() if config.get(k) != old.get(k)
-                      and k not in ("skip_nonfinite", "procs")
-                      and not (k not in old and config[k] == defaults.get(k)))
+        diff = sorted(k for k in config.keys() | old.keys() if config.get(k) != old.get(k) and k not in
+                      ("skip_nonfinite", "procs") and not (k not in old and config[k] == defaults.get(k)))
         if diff:
             raise UsageError(f"--resume: flags differ from the run in {out}: {', '.join(diff)}")
     elif held and stage != "experiment":  # an experiment's folder keeps its finished cells
@@ -499,7 +494,7 @@ def train_steps(out, name, total, state, extra, args, resume):
                 if m["stage"] != name or m["step"] <= start:
                     kept += line + "\n"
         write_text(metrics_file, kept)
-    progress, signals = Progress(name, total, start), []
+    t0, tokens, signals = time.time(), 0, []
 
     def on_signal(signum, frame):
         if signals:  # a second Ctrl-C stops at once
@@ -527,7 +522,9 @@ def train_steps(out, name, total, state, extra, args, resume):
             if main_rank:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
-                progress.update(step + 1, metrics, last=bool(stop))
+                tokens += metrics.get("tokens", 0)
+                show_progress(name, step + 1, total, start, max(time.time() - t0, 1e-9), tokens, metrics,
+                              last=bool(stop) or step + 1 == total)
                 if (step + 1) % args.ckpt_every == 0 or step + 1 == total or stop or signum:
                     save_checkpoint(ckpt, state, extra, step + 1, bool(stop), skipped)  # a stopped run stays so
             if signum:
@@ -542,49 +539,47 @@ def train_steps(out, name, total, state, extra, args, resume):
             signal.signal(s, h)
 
 
-class Progress:
-    """One self-overwriting line on a terminal, a plain line every `every` steps in a log file."""
-
-    def __init__(self, name, total, start):
-        self.name, self.total, self.start, self.t0, self.tokens = name, total, start, time.time(), 0
-        self.tty, self.every = sys.stderr.isatty(), max(1, total // 20)
-
-    def update(self, step, metrics, last=False):
-        seconds, last = max(time.time() - self.t0, 1e-9), last or step == self.total
-        self.tokens += metrics.get("tokens", 0)
-        rate = (step - self.start) / seconds
-        eta = round((self.total - step) / rate) if rate else 0  # whole seconds first: 179.6 s is 3m00s, not 2m60s
-        items = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        line = (f"{self.name} {step}/{self.total} {items} | {self.tokens / seconds:.0f} tok/s "
-                f"ETA {eta // 60}m{eta % 60:02d}s")
-        if self.tty:
-            print(f"\r{line[:shutil.get_terminal_size().columns - 1]}\033[K", end="\n" if last else "", file=sys.stderr,
-                  flush=True)
-        elif step % self.every == 0 or last:
-            log(line)
+def show_progress(name, step, total, start, seconds, tokens, metrics, last):
+    """Step `step` of [start, total) after `seconds` and `tokens`: one self-overwriting line on a terminal; in a log
+    file a plain line every total / 20 steps and at the last."""
+    rate = (step - start) / seconds
+    eta = round((total - step) / rate) if rate else 0  # whole seconds first: 179.6 s is 3m00s, not 2m60s
+    items = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    line = f"{name} {step}/{total} {items} | {tokens / seconds:.0f} tok/s ETA {eta // 60}m{eta % 60:02d}s"
+    if sys.stderr.isatty():
+        print(f"\r{line[:shutil.get_terminal_size().columns - 1]}\033[K", end="\n" if last else "", file=sys.stderr,
+              flush=True)
+    elif step % max(1, total // 20) == 0 or last:
+        log(line)
 
 
 def save_checkpoint(path, state, extra, step, stop, skipped):
-    """`state`'s state_dicts, `extra`, the RNGs and the loop's counters as plain data: the tensors in a safetensors
-    file, the rest as JSON in its metadata; non-finite values are refused, so the last good checkpoint stays."""
+    """`state`'s state_dicts, `extra`, the RNGs and the loop's counters: the tensors in a safetensors file, the rest
+    as JSON in its metadata, {"tensor": key} in their place. Non-finite values are refused: the last good one stays."""
     blob = {key: obj.state_dict() for key, obj in state.items()} | {
         "step": step, "stop": stop, "skipped": skipped, "extra": extra or {},
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     tensors = {}
-    meta = json.dumps(to_json(blob, tensors))
+
+    def moved(t):  # json.dumps calls it for what JSON cannot hold: the tensors
+        tensors[key := str(len(tensors))] = t.detach().cpu().contiguous()
+        return {"tensor": key}
+    meta = json.dumps(blob, default=moved)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
-        raise UsageError(f"{path}: not overwritten: non-finite values at step {step} in {', '.join(bad[:3])}")
+        raise UsageError(f"{path}: not overwritten: non-finite values at step {step} in {len(bad)} state tensor(s)")
     atomic_write(path, lambda f: save_file(tensors, f, metadata={"state": meta}))
 
 
 def load_checkpoint(path, state, extra):
-    """Restore what save_checkpoint wrote (tensors and JSON: no code runs); returns (step, stop, skipped)."""
+    """Restore what save_checkpoint wrote (tensors and JSON: no code runs); returns (step, stop, skipped). JSON made
+    the optimizers' integer keys strings and their tuples lists: the keys are turned back, the lists do as tuples."""
     with open_safetensors(path) as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get("state")
     try:
-        saved = from_json(json.loads(meta), tensors)
+        saved = json.loads(meta, object_pairs_hook=lambda kv: tensors[kv[0][1]] if [k for k, _ in kv] == ["tensor"]
+                           else {int(k) if k.isdigit() else k: v for k, v in kv})
         for key, obj in state.items():
             obj.load_state_dict(saved[key])
         if extra is not None:
@@ -595,35 +590,6 @@ def load_checkpoint(path, state, extra):
         return int(saved["step"]), bool(saved["stop"]), int(saved["skipped"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # not a train.py checkpoint, or another run's
         raise CheckpointError(f"{path}: not a checkpoint of this run ({' '.join(str(e).split())[:300]})") from None
-
-
-JSON_TAGS = ("tensor", "tuple", "items")
-
-
-def to_json(obj, tensors, key=""):
-    """obj as JSON, each tensor moved into `tensors` under its path and replaced by {"tensor": path}; tuples and
-    dicts with keys JSON would change (the optimizer's ints) tagged."""
-    if isinstance(obj, torch.Tensor):
-        tensors[key[1:]] = obj.detach().cpu().contiguous()
-        return {"tensor": key[1:]}
-    if isinstance(obj, (list, tuple)):
-        items = [to_json(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
-        return {"tuple": items} if isinstance(obj, tuple) else items
-    if isinstance(obj, dict):
-        items = [[k, to_json(v, tensors, f"{key}.{k}")] for k, v in obj.items()]
-        return dict(items) if all(type(k) is str and k not in JSON_TAGS for k in obj) else {"items": items}
-    return obj
-
-
-def from_json(obj, tensors):
-    """The inverse of to_json."""
-    if isinstance(obj, dict) and len(obj) == 1 and (tag := next(iter(obj))) in JSON_TAGS:
-        v = obj[tag]
-        return tensors[v] if tag == "tensor" else tuple(from_json(v, tensors)) if tag == "tuple" else \
-            {k: from_json(x, tensors) for k, x in v}
-    if isinstance(obj, dict):
-        return {k: from_json(v, tensors) for k, v in obj.items()}
-    return [from_json(v, tensors) for v in obj] if isinstance(obj, list) else obj
 
 
 # ----------------------------------------------------------------------------- several processes (torchrun)
@@ -796,8 +762,7 @@ def make_parser(stage=None, description=__doc__):
     a("--patience", type=at_least_0, default=5,
       help="stop fine-tuning after this many source-dev evaluations without a new best F1 (0: run all steps)")
     a("--finetune-lr", type=positive_float, default=PRIME.inner_lr, help="PEFT AdamW learning rate")
-    a("--curve-langs", type=names, help="comma-separated languages whose dev F1 finetune also logs (never "
-      "selects); omitted: none")
+    a("--curve-langs", type=names, help="comma-separated languages whose dev F1 finetune also logs (never selects)")
     a("--finetune-warmup", type=at_least_0, default=30, help="PEFT learning-rate warm-up steps, then constant")
     a("--batch-size", type=at_least_1, default=32, help="sentences per fine-tuning / pretraining batch")
     a("--micro-batch", type=at_least_0, default=0, help="fine-tuning sentences per forward pass, shared by the "
