@@ -1628,7 +1628,7 @@ def test_train_bad_checkpoints_are_one_line(tiny_testbed, tmp_path, capsys):
 def checkpoint(path):
     """(metadata state, tensors) of a train.py checkpoint."""
     with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
+        return json.loads(f.metadata()["train_state"]), {k: f.get_tensor(k) for k in f.keys()}
 
 
 def test_train_nonfinite_loss_stops_keeps_the_last_checkpoint_and_resumes(tiny_testbed, tmp_path, monkeypatch, capsys):

@@ -569,14 +569,14 @@ def save_checkpoint(path, state, extra, step, stop, skipped):
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
         raise UsageError(f"{path}: not overwritten: non-finite values at step {step} in {len(bad)} state tensor(s)")
-    atomic_write(path, lambda f: save_file(tensors, f, metadata={"state": meta}))
+    atomic_write(path, lambda f: save_file(tensors, f, metadata={"train_state": meta}))
 
 
 def load_checkpoint(path, state, extra):
     """Restore what save_checkpoint wrote (tensors and JSON: no code runs); returns (step, stop, skipped). JSON made
     the optimizers' integer keys strings and their tuples lists: the keys are turned back, the lists do as tuples."""
     with open_safetensors(path) as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get("state")
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get("train_state")
     try:
         saved = json.loads(meta, object_pairs_hook=lambda kv: tensors[kv[0][1]] if [k for k, _ in kv] == ["tensor"]
                            else {int(k) if k.isdigit() else k: v for k, v in kv})
