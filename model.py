@@ -205,7 +205,7 @@ class Layer(nn.Module):
         """x: [tokens, hidden], the real tokens only; mask: [batch, seq], True at real tokens; keep: their flat
         indices; where: the row of x (len(x): zeros) at each of [batch, seq] positions, where attention sees them."""
         (B, S), H = mask.shape, x.shape[-1]
-        padded = lambda t: torch.cat([t, t.new_zeros(1, H)])[where].view(B, S, self.n_heads, -1).transpose(1, 2)
+        padded = lambda t: unpack(t, where).view(B, S, self.n_heads, -1).transpose(1, 2)
         q, k, v = (padded(p(x)) for p in (self.query, self.key, self.value))
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
                                            dropout_p=self.p_attn if self.training else 0.0)
@@ -213,6 +213,11 @@ class Layer(nn.Module):
         x = self.attn_norm(x + self.adapter_attn(self.dropout(self.attn_out(a))))
         h = self.ffn_out(F.gelu(self.ffn_in(x)))
         return self.ffn_norm(x + self.adapter_ffn(self.dropout(h)))
+
+
+def unpack(x, where):
+    """[tokens, d] -> [len(where), d]: row where[i] of x, or zeros where where[i] == len(x) (a padding position)."""
+    return torch.cat([x, x.new_zeros(1, x.shape[-1])])[where]
 
 
 class Encoder(nn.Module):
@@ -243,7 +248,7 @@ class Encoder(nn.Module):
         x = self.dropout(self.LayerNorm(x))
         for layer in self.layers:
             x = layer(x, mask, keep, where)
-        return torch.cat([x, x.new_zeros(1, x.shape[-1])])[where].view(*mask.shape, -1)
+        return unpack(x, where).view(*mask.shape, -1)
 
 
 class LMHead(nn.Module):
