@@ -1452,6 +1452,8 @@ BAD_INPUTS = [  # (what, argv from (model, world, tmp_path), what the error line
      "m: is the --model folder (the export would overwrite its input)", True),
     ("--per-world", lambda m, w, t: [experiment.main, "--per-world", "--data", w], "--per-world: only on the testbed",
      True),
+    ("--prime-peft, --phi-init primed", lambda m, w, t: [experiment.main, "--prime-peft", "houlsby", "--phi-init",
+                                                         "primed"], "--phi-init primed: priming learns a houlsby", True),
     ("--max-len > positions", lambda m, w, t: ["--model", m, "--data", w, "--max-len", 49],
      "--max-len 49: {m} has position embeddings for at most 48 tokens", False),
     ("--eval-langs", lambda m, w, t: ["--model", m, "--data", w, "--eval-langs", "xx"],
@@ -1756,6 +1758,49 @@ def test_experiment_cell_is_the_mean_of_its_prime_and_finetune_seeds(tiny_testbe
     assert (tmp_path / "x" / "seed5" / "prime" / "results.json").stat().st_mtime == mtime
     assert run_cli(*argv[:-len(steps)], "--prime-seeds", 1, "--finetune-seeds", 1, *steps, main=experiment.main) == 0
     assert "runs" not in json.loads((tmp_path / "x" / "seed5" / "prime" / "results.json").read_text())
+
+
+# ----------------------------------------------------------------------------- priming for one PEFT method,
+# fine-tuning with another (study v6: prime[X] -> Y)
+
+def test_experiment_primes_for_one_peft_method_and_finetunes_with_another(tiny_testbed, tmp_path):
+    model, world = tiny_testbed
+    steps = ["--prime-steps", 2, "--finetune-steps", 3, "--eval-every", 1, "--threads", 1, "--adapter-size", 4,
+             *TINY_RUN]
+    argv = ["--model", model, "--data", world, "--out", tmp_path / "x", "--seed", 3, "--seeds", 1, "--methods",
+            "none,prime", "--peft", "lora", *JOBS_1, *steps]
+    assert run_cli(*argv, "--prime-peft", "houlsby", main=experiment.main) == 0
+    assert run_cli(*argv, main=experiment.main) == 0  # the matched cell beside it, named as before
+    cell = tmp_path / "x" / "seed3" / "prime-houlsby"
+    config = json.loads((cell / "config.json").read_text())
+    assert config["peft"] == "lora" and config["prime_peft"] == "houlsby"
+    assert config["primed_with"]["mode"] == "prime" and config["primed_with"]["peft"]["method"] == "houlsby"
+    assert config["primed_with"]["peft"]["adapter_size"] == 4
+    assert json.loads((cell / "prime" / "model" / "primed.json").read_text()) == config["primed_with"]
+    assert saved_peft_config(cell / "finetune" / "model").method == "lora"  # fine-tuned with LoRA, from a fresh phi
+    matched = json.loads((tmp_path / "x" / "seed3" / "prime" / "config.json").read_text())["primed_with"]
+    assert matched["peft"]["method"] == "lora"
+    # the same cell as train.py's stages: prime for Houlsby adapters, then fine-tune that encoder with LoRA
+    common = ["--data", world, "--seed", 3, *steps]
+    assert run_cli("--stage", "prime", "--model", model, "--out", tmp_path / "p", "--peft", "houlsby", *common) == 0
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["peft"] == "houlsby"
+    assert (tmp_path / "p" / "model" / "model.safetensors").read_bytes() == \
+        (cell / "prime" / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "p" / "model" / "model.safetensors").read_bytes() != \
+        (tmp_path / "x" / "seed3" / "prime" / "prime" / "model" / "model.safetensors").read_bytes()  # LoRA-primed
+    assert run_cli("--stage", "finetune", "--model", tmp_path / "p" / "model", "--out", tmp_path / "f", "--peft",
+                   "lora", *common) == 0
+    ft = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert ft["peft"] == "lora" and ft["primed_with"] == config["primed_with"]
+    a, b = weights(tmp_path / "f" / "model"), weights(cell / "finetune" / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "x" / "seed3" / "none" / "config.json").read_text())["primed_with"] is None
+    # the table names the crossed cell by both methods, and pairs it with the others
+    assert run_cli(*argv, "--prime-peft", "houlsby", main=experiment.main) == 0
+    result = json.loads((tmp_path / "x" / "experiment.json").read_text())
+    assert set(result["scores"]) == {"none", "prime[houlsby] -> lora"}
+    assert set(result["paired"]) == {"prime[houlsby] -> lora - none"}
+    assert "| prime[houlsby] -> lora |" in (tmp_path / "x" / "experiment.md").read_text()
 
 
 def test_train_patience_rule_stops_at_the_right_step():

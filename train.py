@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from types import SimpleNamespace as Stateful  # any state (a generator, a dict of tensors) with a state_dict
 
@@ -40,6 +40,7 @@ from model import PEFT_FILE, CheckpointError, Config, Model, PeftConfig, atomic_
     theta_phi
 
 METHODS = ("none", "multitask", "maml", "prime")
+PRIMED_FILE = "primed.json"  # beside a primed model: how it was primed (a fine-tuning run's config.json records it)
 
 
 class UsageError(Exception):
@@ -142,7 +143,15 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
         save_model(model, out / "model", model_dir)
         if mode == "none" or not set(theta_phi(model)[1]) & set(params):  # phi kept its initial draw: no init
             (out / "model" / PEFT_FILE).unlink(missing_ok=True)        # to offer --phi-init primed
+        write_json(out / "model" / PRIMED_FILE, {"mode": mode, "peft": asdict(peft_config(args))})
     return out / "model"
+
+
+def primed_with(model_dir):
+    """How the model in model_dir was primed ({"mode", "peft"}: the PEFT method its inner loop simulated), or None
+    for a model that no prime stage saved. Fine-tuning may use another PEFT method: it starts from a fresh phi."""
+    path = Path(model_dir) / PRIMED_FILE
+    return read_json(path) if path.exists() else None
 
 
 def finetune_stage(args, out, model_dir, data_dir, seed):
@@ -456,6 +465,8 @@ def start_run(args, stage, parser=None):
     out, names = found
     held = [n for n in names if n != "config.json"]  # a run that stopped at a bad flag left its config alone
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "out")} | {"stage": stage}
+    if stage == "finetune" and args.model:  # what the model was primed with, whatever --peft fine-tunes with
+        config["primed_with"] = primed_with(args.model)
     if args.resume:
         if "config.json" not in names:
             raise UsageError(f"--resume: {out}/config.json not found (give --out the folder of the run to resume)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 if __name__ == "__main__":  # the repository on the path, not study/ (its select.py would shadow the stdlib's)
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+import argparse
 import contextlib
 import math
 import multiprocessing
@@ -21,6 +22,7 @@ import os
 import signal
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
 
 import torch
 import train
@@ -41,13 +43,16 @@ def experiment(args, out, model_dir, data_dir):
         worlds = [(Path(f"{args.testbed}-{s}") / "log.txt", train.testbed, args, s) for s in seeds]
         inputs = {call[-1]: dirs for call, dirs in run_jobs(jobs, threads, worlds)}
     source, _, evals = train.resolve_languages(args, inputs[seeds[0]][1])
-    todo = [(out / f"seed{s}" / m / "log.txt", cell, args, out / f"seed{s}" / m, *inputs[s], m, s)
-            for s in seeds for m in methods if not cell_done(out / f"seed{s}" / m, cell_runs(args, m))]
+    folder = lambda s, m: out / f"seed{s}" / cell_name(args, m)[1]
+    todo = [(folder(s, m) / "log.txt", cell, args, folder(s, m), *inputs[s], m, s)
+            for s in seeds for m in methods if not cell_done(folder(s, m), cell_runs(args, m))]
     todo.sort(key=lambda call: call[-2] == "none")  # the short cells last: no process idles while one primes
     for n, (call, result) in enumerate(run_jobs(jobs, threads, todo), 1):
         log(f"experiment: cell {n}/{len(todo)} done: seed {call[-1]}, {call[-2]}: target avg F1 "
             f"{100 * result['target_avg_f1']:.1f}")
-    results = {m: {s: read_json(out / f"seed{s}" / m / "results.json") for s in seeds} for m in methods}
+    named = {cell_name(args, m)[0]: m for m in methods}  # from here on, cells go by name (prime[houlsby] -> lora)
+    methods = list(named)
+    results = {n: {s: read_json(folder(s, m) / "results.json") for s in seeds} for n, m in named.items()}
 
     # select: what hyper-parameters are chosen by, the priming languages' mean dev F1 (no target-language label)
     select = lambda r: statistics.mean([f for l, f in r["dev_f1"].items() if l != source] or [r["dev_f1"][source]])
@@ -57,7 +62,7 @@ def experiment(args, out, model_dir, data_dir):
                   for s, r in results[m].items()} for m in methods}
     spread = lambda v: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
     summary = {m: {c: spread([scores[m][s][c] for s in seeds]) for c in cols} for m in methods}
-    ordered = sorted(methods, key=METHODS.index)  # a - b for every b before a in none, multitask, maml, prime
+    ordered = sorted(methods, key=lambda m: METHODS.index(named[m]))  # a - b for every b before a in METHODS
     vs = {f"{a} - {b}": {c: paired([scores[a][s][c] - scores[b][s][c] for s in seeds]) for c in cols}
           for i, a in enumerate(ordered) for b in ordered[:i]}
     report = {"seeds": seeds, "per_world": args.per_world, "scores": scores, "summary": summary, "paired": vs}
@@ -74,7 +79,7 @@ def experiment(args, out, model_dir, data_dir):
         cells = [f"{summary[m][c]['mean']:.1f} ± {summary[m][c]['std']:.1f}" for c in cols]
         cells += [f"{d['mean']:+.1f} {ci(d)}", f"{d['wins']}/{d['n']}"] if d else ["", ""]
         table += f"| {m} | " + " | ".join(cells) + " |\n"
-    per_cell = {m: cell_runs(args, m) for m in methods}
+    per_cell = {m: cell_runs(args, named[m]) for m in methods}
     averaged = "" if set(per_cell.values()) == {1} else (
         " Each cell is the mean of its runs (" + ", ".join(f"{m} {n}" for m, n in per_cell.items())
         + f": --prime-seeds {args.prime_seeds} x --finetune-seeds {args.finetune_seeds}).")
@@ -98,12 +103,14 @@ def cell(args, run, model_dir, data_dir, method, seed):
     times and evaluated; it scores the mean of its runs (results.json). A cell of one run is that run."""
     run.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    write_json(run / "config.json", config | {"method": method, "seed": seed})
+    primer = argparse.Namespace(**vars(args) | {"peft": prime_peft(args)})  # priming simulates --prime-peft
+    primed_with = None if method == "none" else {"mode": method, "peft": asdict(train.peft_config(primer))}
+    write_json(run / "config.json", config | {"method": method, "seed": seed, "primed_with": primed_with})
     runs, single = [], cell_runs(args, method) == 1
     for i in range(1 if method == "none" else args.prime_seeds):
         prime_seed, folder = seed + SEED_STRIDE * i, run if single else run / f"prime{i}"
         primed = (model_dir if method == "none"
-                  else train.prime_stage(args, folder / "prime", model_dir, data_dir, method, prime_seed))
+                  else train.prime_stage(primer, folder / "prime", model_dir, data_dir, method, prime_seed))
         for j in range(args.finetune_seeds):
             finetune_seed, leaf = seed + SEED_STRIDE * j, folder if single else folder / f"finetune{j}"
             tuned = train.finetune_stage(args, leaf / "finetune", primed, data_dir, finetune_seed)
@@ -116,6 +123,19 @@ def cell(args, run, model_dir, data_dir, method, seed):
               "target_avg_f1": statistics.mean(r["target_avg_f1"] for r in runs), "runs": runs}
     write_json(run / "results.json", result)
     return result
+
+
+def prime_peft(args):
+    """The PEFT method that priming simulates: --prime-peft, by default the one fine-tuning uses (--peft)."""
+    return args.prime_peft or args.peft
+
+
+def cell_name(args, method):
+    """A cell's name in the table and its folder under seed<s>/: `prime[X] -> Y` and prime-X when it primes for PEFT
+    X but fine-tunes with Y, else (as for `none`) the method's own name for both."""
+    if method == "none" or prime_peft(args) == args.peft:
+        return method, method
+    return f"{method}[{prime_peft(args)}] -> {args.peft}", f"{method}-{prime_peft(args)}"
 
 
 def cell_runs(args, method):
@@ -195,6 +215,8 @@ def make_parser():
       "each fine-tuned --finetune-seeds times; the cell scores the mean of its runs (none: one, unprimed)")
     a("--finetune-seeds", type=train.at_least_1, default=1,
       help="fine-tuning runs per primed encoder (seed, seed+1000, ...)")
+    a("--prime-peft", choices=("lora", "houlsby", "pfeiffer"), help="PEFT method that priming simulates (its "
+      "settings: --lora-* / --adapter-*), fine-tuning then using --peft from a fresh phi; default: --peft")
     a("--per-world", action="store_true", help="testbed only: seed s runs on its own world, --testbed-seed s")
     a("--jobs", type=train.at_least_0, default=0, help="processes running the cells (and worlds), logs in their "
       "folders; 0: cores / --threads on a CPU, 1 on a GPU; the table is the same bit for bit for every N")
@@ -210,6 +232,9 @@ def check(args):
             raise UsageError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
         if m != "none":
             train.prime_config(args, m)
+    if args.phi_init == "primed" and prime_peft(args) != args.peft:
+        raise UsageError(f"--phi-init primed: priming learns a {prime_peft(args)} init, but --peft is {args.peft} "
+                         f"(fine-tuning with another PEFT method starts from a fresh phi)")
 
 
 def main(argv=None):

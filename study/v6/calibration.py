@@ -73,7 +73,8 @@ def main():
                + f" | {'' if c == 'lora' or not paired else f'{statistics.mean(paired):+.1f}'} | {steps} |\n")
     md += (f"\nF1 x100, mean over worlds {', '.join(map(str, WORLDS))} (`none`, one run per cell). LoRA: the v5 "
            f"recipe, for reference only. The band of v5's {band['n']} `none -> lora` cells (descriptive): target avg "
-           f"mean {band['mean']:.1f}, sd {band['sd']:.1f}, 10th-90th percentile [{band['p10']:.1f}, {band['p90']:.1f}].\n")
+           f"mean {band['mean']:.1f}, sd {band['sd']:.1f}, 10th-90th percentile [{band['p10']:.1f}, "
+           f"{band['p90']:.1f}].\n")
     if not complete:
         md += "\n**Partial** (descriptive): cells are missing, nothing is selected.\n"
     else:
