@@ -3,7 +3,7 @@
 # rates, on worlds 401-403 (used by nothing else), and `none -> lora` (the v5 recipe) on them for reference.
 # Run it from a worktree of a fixed commit:
 #   cd WORKTREE && PY=/path/to/python nohup setsid nice -n 10 bash study/v6/calibrate.sh > runs/v6-calibrate.log 2>&1 &
-# Resumes: the same command again (finished cells are kept, a killed cell restarts from its last checkpoint).
+# Resumes: the same command again (finished cells are kept, a killed cell runs again from its start).
 # Cells run world by world (all nine configurations of a world before the next), P=2 at a time, one thread each.
 # Then: $PY study/v6/calibration.py runs/v6/calib   (the table and the selection rule)
 set -euo pipefail
