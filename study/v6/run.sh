@@ -5,9 +5,9 @@
 #   cd WORKTREE && NAME=pilot FIRST=501 N=6 PY=/path/to/python nohup setsid nice -n 10 bash study/v6/run.sh \
 #       > runs/v6-pilot.log 2>&1 &
 # Resumes: the same command again (finished cells are kept, a killed cell runs again from its start; a world's
-# pretraining resumes from its checkpoint). P=2 cells at a time, one thread each. Cells land in runs/v6/NAME/lora
-# (the -> lora cells: none, prime, prime-houlsby) and runs/v6/NAME/houlsby (none, prime, prime-lora), logs in
-# runs/v6/NAME/logs; the table: python study/v6/table.py runs/v6/NAME.
+# pretraining resumes from its checkpoint). P=2 cells at a time, one thread each. Each cell is an experiment folder of
+# its own (two processes never write one folder's files): runs/v6/NAME/WORLD/none-DOWN or prime-PRIMED-DOWN, its log
+# beside it. The table: python study/v6/table.py runs/v6/NAME.
 # A world is built by its `none -> lora` cell, one world ahead of the cells that wait for it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,7 +20,7 @@ export COMMON="--per-world --testbed $TESTBED --threads 1 --jobs 1 --adapter-siz
 export PRIME="--prime-lr 1e-3 --inner-opt adam --inner-steps 20 --support-batches 20 --first-order"  # v5's prime
 export PRIMED_lora="--prime-peft lora --inner-lr 5e-3" PRIMED_houlsby="--prime-peft houlsby --inner-lr $H_LR"
 export DOWN_lora="--peft lora --finetune-lr 5e-3" DOWN_houlsby="--peft houlsby --finetune-lr $H_LR"
-mkdir -p $OUT/logs
+mkdir -p $OUT
 worlds=($(seq $FIRST $((FIRST + N - 1))))
 {
     echo "${worlds[0]} none - lora"
@@ -33,6 +33,7 @@ worlds=($(seq $FIRST $((FIRST + N - 1))))
     w=$0 method=$1 primed=$2 down=$3
     [ "$method $down" = "none lora" ] || until [ -f $TESTBED-$w/pretrain/model/tokenizer.json ]; do sleep 20; done
     flags=$(eval echo \$DOWN_$down); [ $method = none ] || flags="$PRIME $(eval echo \$PRIMED_$primed) $flags"
-    $PY study/experiment.py $COMMON --seed $w --seeds 1 --methods $method $flags --out $OUT/$down \
-        > $OUT/logs/$w-$method-$primed-$down.log 2>&1'
+    cell=$OUT/$w/$method-$down; [ $method = none ] || cell=$OUT/$w/$method-$primed-$down
+    mkdir -p $OUT/$w && $PY study/experiment.py $COMMON --seed $w --seeds 1 --methods $method $flags --out $cell \
+        > $cell.log 2>&1'
 echo "done: python study/v6/table.py $OUT"

@@ -17,10 +17,12 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[2])  # the repo, not study/ (its select.py shadows the stdlib)
 from study.experiment import paired  # noqa: E402
 
-# cell name -> its folder under OUT: the downstream method's folder, then the cell's (study/experiment.py names)
-CELLS = {"none -> lora": "lora/none", "none -> houlsby": "houlsby/none", "prime[lora] -> lora": "lora/prime",
-         "prime[houlsby] -> lora": "lora/prime-houlsby", "prime[houlsby] -> houlsby": "houlsby/prime",
-         "prime[lora] -> houlsby": "houlsby/prime-lora"}
+# cell name -> its folder under OUT/WORLD: the experiment folder run.sh gives it, then the cell's within it
+# (study/experiment.py names it after the method, and the priming's PEFT method where fine-tuning uses another)
+CELLS = {"none -> lora": "none-lora/none", "none -> houlsby": "none-houlsby/none",
+         "prime[lora] -> lora": "prime-lora-lora/prime", "prime[houlsby] -> lora": "prime-houlsby-lora/prime-houlsby",
+         "prime[houlsby] -> houlsby": "prime-houlsby-houlsby/prime",
+         "prime[lora] -> houlsby": "prime-lora-houlsby/prime-lora"}
 PRIMARY = [("prime[lora] -> lora", "prime[houlsby] -> lora"), ("prime[houlsby] -> houlsby", "prime[lora] -> houlsby")]
 SECONDARY = [("prime[lora] -> lora", "none -> lora"), ("prime[houlsby] -> houlsby", "none -> houlsby"),
              ("prime[houlsby] -> lora", "none -> lora"), ("prime[lora] -> houlsby", "none -> houlsby"),
@@ -43,9 +45,9 @@ def main():
     p.add_argument("--save", help="write PREFIX.md and PREFIX.json")
     p.add_argument("--worlds", type=int, help="the pre-registered number of worlds (fewer: partial)")
     args = p.parse_args()
-    found = sorted(int(d.name[4:]) for d in (args.out / "lora").glob("seed*"))
-    cells = {w: {c: scores(args.out / f.split("/")[0] / f"seed{w}" / f.split("/")[1]) for c, f in CELLS.items()}
-             for w in found}
+    found = sorted(int(d.name) for d in args.out.iterdir() if d.is_dir() and d.name.isdigit())
+    cells = {w: {c: scores(args.out / str(w) / f.split("/")[0] / f"seed{w}" / f.split("/")[1])
+                 for c, f in CELLS.items()} for w in found}
     seeds = [w for w in found if all(cells[w].values())]
     if not seeds:
         sys.exit(f"{args.out}: no world with all six cells finished")
@@ -70,7 +72,8 @@ def main():
         md += f"| `{key}` ({kind}) | {d['mean']:+.2f} | {ci(d)} | {d['wins']}/{d['n']} |\n"
     md += "\nPer language (Δ [95% CI] wins):\n\n| | " + " | ".join(COLS[:-1]) + " |\n" + "|---" * len(COLS) + "|\n"
     for key, d in vs.items():
-        md += f"| `{key}` | " + " | ".join(f"{d[l]['mean']:+.1f} {ci(d[l], 1)} {d[l]['wins']}" for l in COLS[:-1]) + " |\n"
+        md += (f"| `{key}` | " + " | ".join(f"{d[l]['mean']:+.1f} {ci(d[l], 1)} {d[l]['wins']}" for l in COLS[:-1])
+               + " |\n")
     print(md)
     if args.save:
         report = {"seeds": seeds, "per_world": True, "scores": table, "summary": summary, "paired": vs,
