@@ -52,7 +52,7 @@ def main():
     p.add_argument("--save", help="write PREFIX.md and PREFIX.json")
     args = p.parse_args()
     configs = ["lora"] + [f"houlsby-a{s}-lr{lr}" for s in SIZES for lr in LRS]
-    cells = {c: {w: cell(args.out / c / f"seed{w}" / "none") for w in WORLDS} for c in configs}
+    cells = {c: {w: cell(args.out / c / str(w) / f"seed{w}" / "none") for w in WORLDS} for c in configs}
     done = {c: {w: v for w, v in ws.items() if v} for c, ws in cells.items()}
     mean = lambda c, k: statistics.mean(v[k] for v in done[c].values())
     complete = all(len(ws) == len(WORLDS) for ws in done.values())
