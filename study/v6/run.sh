@@ -14,7 +14,11 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 NAME=${NAME:?NAME=pilot or study} FIRST=${FIRST:?} N=${N:?}
-H_SIZE=@H_SIZE@ H_LR=@H_LR@  # the calibration's selection (PROTOCOL.md, section 2)
+# Houlsby's size and rate: the calibration's selection (PROTOCOL.md, section 2), e.g. houlsby-a32-lr3e-3
+selected=$($PY -c "import json; print(json.load(open('study/results/v6-calibration.json'))['selected'] or '')")
+[[ $selected =~ ^houlsby-a([0-9]+)-lr(.+)$ ]] || { echo "study/results/v6-calibration.json: no selection yet"; exit 2; }
+H_SIZE=${BASH_REMATCH[1]} H_LR=${BASH_REMATCH[2]}
+echo "Houlsby: --adapter-size $H_SIZE, learning rate $H_LR (the calibration's selection)"
 export PY OUT=runs/v6/$NAME TESTBED=runs/v6/testbed
 export COMMON="--per-world --testbed $TESTBED --threads 1 --jobs 1 --adapter-size $H_SIZE"
 export PRIME="--prime-lr 1e-3 --inner-opt adam --inner-steps 20 --support-batches 20 --first-order"  # v5's prime
