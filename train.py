@@ -44,13 +44,12 @@ METHODS = ("none", "multitask", "maml", "prime")
 
 
 class UsageError(Exception):
-    """A user mistake, or a run that cannot go on (it diverged): reported as one line, exit code 2, no
-    traceback."""
+    """A user mistake, or a run that cannot go on (it diverged): one line, exit code 2, no traceback."""
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM stopped a stage at a step boundary, after a checkpoint. args: (message, signal
-    number)."""
+    """Ctrl-C or SIGTERM stopped a stage at a step boundary, after a checkpoint.
+    args: (message, signal number)."""
 
 
 # ------------------------------------------------------------ stages
@@ -94,8 +93,8 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
 
 def finetune_stage(args, out, model_dir, data_dir, seed):
     """Downstream PEFT: theta frozen, PEFT + head trained on the source language until its dev F1 stops
-    improving; the best source-dev checkpoint is kept (--curve-langs only logs their dev F1). Saves
-    out/model."""
+    improving; the best source-dev checkpoint is kept (--curve-langs only logs their dev F1).
+    Saves out/model."""
     source = resolve_languages(args, data_dir)[0]
     curve = args.curve_langs.split(",") if args.curve_langs else []
     tok = data.load_tokenizer(model_dir)
@@ -107,8 +106,7 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
     device = device_of(args)
     model.to(device).train()
     opt = metapeft.make_optimizer(phi, args.finetune_lr, args.weight_decay)
-    # Warm-up, then constant: the learning rate at a step depends neither on the budget nor on when the run
-    # stops.
+    # Warm-up, then constant: the rate at a step depends neither on the budget nor on when the run stops.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.finetune_warmup + 1)))
     pad = tok.token_to_id("<pad>")
     best = {"f1": -1.0, "step": 0, "phi": {n: p.detach().clone() for n, p in phi.items()}, "dev_f1s": []}
@@ -148,8 +146,7 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
 
 
 def init_phi(args, model, model_dir):
-    """phi (PEFT + head) as --phi-init says, theta frozen; returns phi's parameters, the ones fine-tuning
-    trains."""
+    """phi (PEFT + head) as --phi-init says, theta frozen; returns phi (what fine-tuning trains)."""
     theta, phi = theta_phi(model)
     if args.phi_init == "primed":
         peft = peft_config(args)
@@ -182,8 +179,8 @@ def epochs_of_batches(examples, batch_size, pad, seed):
 
 
 def patience_exhausted(dev_f1s, patience):
-    """Early stopping: whether the best dev F1 so far (the first of equals) is `patience` evaluations old (0:
-    never)."""
+    """Early stopping: whether the best dev F1 so far (the first of equals) is `patience` evaluations old
+    (0: never)."""
     return patience > 0 and len(dev_f1s) - 1 - dev_f1s.index(max(dev_f1s)) >= patience
 
 
@@ -225,8 +222,8 @@ def results_table(source, evals, result):
 
 
 def export_stage(args, model_dir, out):
-    """--model in another layout, the tokenizer beside it: hf-mlm (XLMRobertaForMaskedLM, with the MLM head
-    the encoder was pretrained with), hf-base (XLMRobertaModel), or peft (LoRA + head as a peft adapter
+    """--model in another layout, the tokenizer beside it: hf-mlm (XLMRobertaForMaskedLM, with the MLM
+    head the encoder was pretrained with), hf-base (XLMRobertaModel), or peft (LoRA + head as a peft adapter
     folder)."""
     if out.resolve() == model_dir.resolve():
         raise UsageError(f"--out {out}: is the --model folder (the export would overwrite its input)")
@@ -290,8 +287,7 @@ def load_examples(data_dir, split, langs, tok, labels, max_len):
 
 
 def episode_config(args, source, query_langs, pairing):
-    """Priming episodes: a task's support holds --support-batches batches of --support-size source
-    sentences."""
+    """Priming episodes: a task's support is --support-batches batches of --support-size source sentences."""
     return data.EpisodeConfig(source_langs=(source,), query_langs=tuple(query_langs),
                               support_size=args.support_size * args.support_batches,
                               query_size=args.query_size, tasks_per_step=args.tasks, pairing=pairing)
@@ -313,8 +309,7 @@ def prime_config(args, mode):
 
 
 def checked(args, config, **kw):
-    """config(**kw), whose own checks fail as a UsageError naming the flags (a field named as a flag is
-    one)."""
+    """config(**kw), whose own checks fail as a UsageError naming flags (a field named as a flag is one)."""
     try:
         return config(**kw)
     except ValueError as e:
@@ -341,8 +336,7 @@ def autocast(args, device):
 
 
 def load_model(model_dir, tok, args, **kw):
-    """load_pretrained(model_dir, **kw), checked against the tokenizer and --max-len before any forward
-    pass."""
+    """load_pretrained(model_dir, **kw), checked against the tokenizer and --max-len before it runs."""
     model = load_pretrained(model_dir, **kw)
     cfg, n_tokens = model.cfg, max(tok.get_vocab().values()) + 1
     if n_tokens > cfg.vocab_size:
@@ -386,8 +380,7 @@ WORLD0_SHA256 = {
 
 def resolve_inputs(args):
     """(model_dir, data_dir): what is not given is the testbed's, so --data alone needs the pretrain stage,
-    and --model alone the testbed's tokenizer. None: pretraining from scratch; exporting, or MLM on --text
-    alone."""
+    and --model alone the testbed's tokenizer. None: pretraining from scratch; exporting, or MLM on --text."""
     if args.data is not None and not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: not a folder")
     if args.model is not None:
@@ -624,8 +617,7 @@ def train_steps(out, name, total, state, extra, args, resume):
 
 
 def drop_metrics_after(metrics_file, name, start):
-    """Drop from metrics.jsonl what a killed run of `name` logged after its last checkpoint, at step
-    `start`."""
+    """Drops from metrics.jsonl what a killed run of `name` logged after its checkpoint at step `start`."""
     kept = ""
     for line in metrics_file.read_text().splitlines():
         # a line cut by a kill, or not one of ours
@@ -681,8 +673,8 @@ class TensorsInPlace:
 
 def save_checkpoint(path, state, extra, step, stop, skipped):
     """`state`'s state_dicts, `extra`, the RNGs and the loop's counters: the tensors in a safetensors file,
-    the rest as JSON in its metadata, {"tensor": key} in their place. Non-finite values are refused: the last
-    good one stays."""
+    the rest as JSON in its metadata, {"tensor": key} in their place. Non-finite values are refused: the
+    last good checkpoint stays."""
     blob = {key: obj.state_dict() for key, obj in state.items()} | {
         "step": step, "stop": stop, "skipped": skipped, "extra": extra or {},
         "rng": {"torch": torch.get_rng_state(),
@@ -702,8 +694,8 @@ def save_checkpoint(path, state, extra, step, stop, skipped):
 
 def load_checkpoint(path, state, extra):
     """Restore what save_checkpoint wrote (tensors and JSON: no code runs); returns (step, stop, skipped).
-    JSON made the optimizers' integer keys strings and their tuples lists: the keys are turned back, the lists
-    do as tuples."""
+    JSON made the optimizers' integer keys strings and their tuples lists: the keys are turned back, the
+    lists do as tuples."""
     with open_safetensors(path) as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get("train_state")
 
@@ -763,8 +755,8 @@ def join_process_group(args):
 
 
 def resolve_inputs_in_rank_order(args):
-    """resolve_inputs, by rank 0 before the other processes (it makes the testbed, if needed, before they read
-    it)."""
+    """resolve_inputs, by rank 0 before the other processes: it makes the testbed, if needed, before they
+    read it."""
     rank = rank_world()[0]
     if rank:
         dist.barrier()
@@ -807,8 +799,8 @@ PRESETS = {
 
 
 def number(kind, ok, allowed):
-    """An argparse type: kind(text), refused unless ok(value) (the error line: "--flag value: must be
-    <allowed>")."""
+    """An argparse type: kind(text), refused unless ok(value).
+    The error line: "--flag value: must be <allowed>"."""
     def parse(text):
         value = kind(text)
         if not ok(value):
@@ -1061,8 +1053,7 @@ def command_line():
 
 
 def main(argv=None):
-    """The command line: flags, inputs, run folder, the stage; a user's mistake is one line and exit code
-    2."""
+    """The command line: flags, inputs, run folder, the stage; a user's mistake is one line, exit code 2."""
     with command_line() as run:
         args = parse_args(argv)
         if args.threads:
