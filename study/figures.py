@@ -92,13 +92,14 @@ def draw_answer(results):
     """Forest plot: each study's paired differences with 95% intervals, one panel per comparison."""
     studies = tables(results)
     rows = list(studies)
-    y = {name: -(i + (1 if name in SET_APART else 0)) for i, name in enumerate(rows)}  # a gap before v4
+    y = {name: -(i + (1 if name in SET_APART else 0)) for i, name in enumerate(rows)}  # a gap before them
+    gap = max(y[name] for name in SET_APART) + 1
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     axes = fig.subplots(1, len(COMPARISONS), sharey=True, sharex=True)
     for ax, comparison in zip(axes, COMPARISONS):
         ax.axvspan(*BAND, color="#e8e8e8", zorder=0)
         ax.axvline(0, color="black", linewidth=0.8, zorder=1)
-        ax.axhline((y["v3, another CPU"] + y["v4"]) / 2, color="#bbbbbb", linewidth=0.6, linestyle=":")
+        ax.axhline(gap, color="#bbbbbb", linewidth=0.6, linestyle=":")
         for name, (path, report) in studies.items():
             found = interval(report, path, comparison)
             apart = name in SET_APART
@@ -113,14 +114,16 @@ def draw_answer(results):
                     gid=f"mean:{name}:{comparison}")
             if apart:
                 ax.annotate(f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]", (mean, y[name]), textcoords="offset points",
-                            xytext=(0, 6), ha="center", fontsize=7, color=color)
+                            xytext=(0, 6), ha="center", fontsize=7, color=color,
+                            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.3})
         ax.set_title(comparison, fontsize=10)
         ax.set_xlabel("Δ target-average F1")
-    axes[0].set_yticks([y[n] for n in rows], [f"{n} ({worlds(*reversed(studies[n]))})" for n in rows])
+    axes[0].set_yticks([y[n] for n in rows], [f"{n} ({worlds(studies[n][1], studies[n][0])})" for n in rows])
     for label, name in zip(axes[0].get_yticklabels(), rows):
         label.set_fontweight("bold" if name in SET_APART else "normal")
+    powered = " and ".join(f"{n} ({len(field(studies[n][1], studies[n][0], 'seeds'))} worlds)" for n in SET_APART)
     fig.suptitle("Paired per-world difference with 95% t-interval; grey: the pre-registered [-1, +1] band; "
-                 "v4 (60 worlds) and v5 (160) powered to decide", fontsize=9)
+                 f"{powered} powered to decide", fontsize=9)
     return fig
 
 
