@@ -1747,6 +1747,17 @@ def test_study_reproduce_dry_run_names_the_pinned_commit(study, first, last, scr
         assert run.returncode == 2 and run.stdout == "" and len(run.stderr.splitlines()) == 1, bad
 
 
+def test_study_verdict_of_the_committed_tables_is_the_logged_one():
+    from study.analysis.verdict import verdict
+    v4, v5 = (json.loads((STUDY / "results" / f"{s}.json").read_text()) for s in ("v4", "v5"))
+    assert verdict(v5, 160) == ["prime - multitask: +0.81 [+0.27, +1.36], wins 94/160: differs (prime higher)"]
+    assert verdict(v4, 60) == ["prime - multitask: +0.43 [-0.39, +1.25], wins 32/60: undecided",
+                               "prime - maml: +2.11 [+1.20, +3.01], wins 40/60: differs (prime higher)"]
+    assert verdict(v4, 61)[0].endswith("(PARTIAL: 60 of 61 worlds, descriptive, not the verdict)")
+    one = {"seeds": [2001], "paired": {"prime - multitask": {"avg": {"mean": 1.5, "ci95": None, "wins": 1, "n": 1}}}}
+    assert verdict(one, 160) == ["prime - multitask: +1.50 on one world: no interval (PARTIAL: 1 of 160 worlds)"]
+
+
 def test_study_figures_are_the_committed_ones_and_deterministic(tmp_path, capsys):
     figures.main(["study", "--out", str(tmp_path / "a")])
     figures.main(["study", "answer", "--out", str(tmp_path / "b")])

@@ -15,6 +15,9 @@ def verdict(report, w):
         if key not in report["paired"]:
             continue
         d = report["paired"][key]["avg"]
+        if d["ci95"] is None:  # one world: no interval, no verdict
+            lines.append(f"{key}: {d['mean']:+.2f} on one world: no interval (PARTIAL: 1 of {w} worlds)")
+            continue
         lo, hi = d["ci95"]
         inside = -1 <= lo and hi <= 1
         if lo > 0 or hi < 0:
