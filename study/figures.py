@@ -327,7 +327,9 @@ def main(argv=None):
     if args.what == "study" and not set(args.names) <= set(STUDY_FIGURES):
         p.error(f"study: unknown figure(s) {', '.join(sorted(set(args.names) - set(STUDY_FIGURES)))} "
                 f"(choose from {', '.join(STUDY_FIGURES)})")
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()  # the same bytes whatever a matplotlibrc says
+        matplotlib.rcParams.update(STYLE)
         try:
             if args.what == "study":
                 for name in args.names or STUDY_FIGURES:
