@@ -7,7 +7,7 @@
 # Cells run world by world (a world's LoRA cell builds it, one world ahead; then its nine configurations), P=2 at a
 # time, one thread each; each cell is an experiment folder of its own, runs/v6/calib/CONFIG/WORLD (two processes
 # never write one folder's files). The order changes no number.
-# Then: $PY study/v6/calibration.py runs/v6/calib   (the table and the selection rule)
+# Then: $PY -m study.v6.calibration runs/v6/calib   (the table and the selection rule)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -29,4 +29,4 @@ mkdir -p $OUT
     until [ -f $OUT/testbed-$w/pretrain/model/tokenizer.json ]; do sleep 20; done
     $PY study/experiment.py $COMMON --seed $w --peft houlsby --adapter-size $2 --finetune-lr $3 \
         --out $OUT/houlsby-a$2-lr$3/$w > $OUT/houlsby-a$2-lr$3-$w.log 2>&1'
-echo "calibration cells done: $PY study/v6/calibration.py $OUT"
+echo "calibration cells done: $PY -m study.v6.calibration $OUT"

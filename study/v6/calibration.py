@@ -1,6 +1,6 @@
 """v6 calibration table and selection (study/v6/PROTOCOL.md, section 1), from the cells of study/v6/calibrate.sh.
 
-    python study/v6/calibration.py runs/v6/calib [--save study/results/v6-calibration]
+    python -m study.v6.calibration runs/v6/calib [--save study/results/v6-calibration]
 
 Score of a Houlsby configuration: its mean source (en) dev F1 over the calibration worlds. Selected: among those
 within 0.5 F1 of the best score, the smallest adapter, then the highest score. Target F1 is printed for the record and
@@ -45,12 +45,12 @@ def select(scores):
     return min(near, key=lambda c: (int(re.search(r"-a(\d+)-", c)[1]), -scores[c]))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="calibrate.sh's folder (runs/v6/calib)")
     p.add_argument("--v5", default=Path(__file__).parents[1] / "results" / "v5.json", help="v5's table (the band)")
     p.add_argument("--save", help="write PREFIX.md and PREFIX.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     configs = ["lora"] + [f"houlsby-a{s}-lr{lr}" for s in SIZES for lr in LRS]
     cells = {c: {w: cell(args.out / c / str(w) / f"seed{w}" / "none") for w in WORLDS} for c in configs}
     done = {c: {w: v for w, v in ws.items() if v} for c, ws in cells.items()}

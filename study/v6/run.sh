@@ -7,7 +7,7 @@
 # Resumes: the same command again (finished cells are kept, a killed cell runs again from its start; a world's
 # pretraining resumes from its checkpoint). P=2 cells at a time, one thread each. Each cell is an experiment folder of
 # its own (two processes never write one folder's files): runs/v6/NAME/WORLD/none-DOWN or prime-PRIMED-DOWN, its log
-# beside it. The table: python study/v6/table.py runs/v6/NAME.
+# beside it. The table: python -m study.v6.table runs/v6/NAME.
 # A world is built by its `none -> lora` cell, one world ahead of the cells that wait for it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,4 +40,4 @@ worlds=($(seq $FIRST $((FIRST + N - 1))))
     cell=$OUT/$w/$method-$down; [ $method = none ] || cell=$OUT/$w/$method-$primed-$down
     mkdir -p $OUT/$w && $PY study/experiment.py $COMMON --seed $w --seeds 1 --methods $method $flags --out $cell \
         > $cell.log 2>&1'
-echo "done: python study/v6/table.py $OUT"
+echo "done: python -m study.v6.table $OUT"

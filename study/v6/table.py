@@ -2,7 +2,7 @@
 scores as study/experiment.py computes them, and the paired differences over the worlds whose six cells have all
 finished: the primary comparisons (matched minus mismatched priming, per downstream method), then the secondary ones.
 
-    python study/v6/table.py runs/v6/pilot [--save study/results/v6-pilot] [--worlds W]
+    python -m study.v6.table runs/v6/pilot [--save study/results/v6-pilot] [--worlds W]
 
 Writes PREFIX.json in experiment.json's layout (scores per cell name and world, summary, paired; for
 study/power.py) and PREFIX.md. With --worlds W (the pre-registered number), a table of fewer complete worlds is marked
@@ -14,8 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[2])  # the repo, not study/ (its select.py shadows the stdlib)
-from study.experiment import paired  # noqa: E402
+from study.experiment import paired
 
 # cell name -> its folder under OUT/WORLD: the experiment folder run.sh gives it, then the cell's within it
 # (study/experiment.py names it after the method, and the priming's PEFT method where fine-tuning uses another)
@@ -39,12 +38,12 @@ def scores(folder):
     return {l: 100 * r["f1"][l] for l in COLS[:-1]} | {"avg": 100 * r["target_avg_f1"]}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="run.sh's folder (runs/v6/NAME)")
     p.add_argument("--save", help="write PREFIX.md and PREFIX.json")
     p.add_argument("--worlds", type=int, help="the pre-registered number of worlds (fewer: partial)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     found = sorted(int(d.name) for d in args.out.iterdir() if d.is_dir() and d.name.isdigit())
     cells = {w: {c: scores(args.out / str(w) / f.split("/")[0] / f"seed{w}" / f.split("/")[1])
                  for c, f in CELLS.items()} for w in found}
