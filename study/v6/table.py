@@ -5,8 +5,8 @@ finished: the primary comparisons (matched minus mismatched priming, per downstr
     python -m study.v6.table runs/v6/pilot [--save study/results/v6-pilot] [--worlds W]
 
 Writes PREFIX.json in experiment.json's layout (scores per cell name and world, summary, paired; for
-study/power.py) and PREFIX.md. With --worlds W (the pre-registered number), a table of fewer complete worlds is marked
-partial and descriptive.
+study.analysis.power) and PREFIX.md. With --worlds W (the pre-registered number), a table of fewer complete worlds
+is marked partial and descriptive.
 """
 import argparse
 import json
