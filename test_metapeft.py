@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load, save, save_file
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
@@ -993,6 +994,78 @@ def test_prime_attention_kernels(monkeypatch):
         with sdpa_kernel([SDPBackend.MATH]):
             math = grads(mp.task_loss(model, theta, phi, support, query, cfg), params)
         assert max_diff(auto, math) < 1e-6
+
+
+# ----------------------------------------------------------------------------- task-batched meta-step
+# meta_loss runs its tasks' inner loops as one (a leading task dimension); each task alone (a meta-batch of one) is
+# the reference: the same meta-gradient within 1e-5 relative, whatever the options (in float64: the tiny model's
+# float32 meta-gradient is itself ill-conditioned, ~25% from its float64 value, one path or the other).
+
+def uneven_tasks(seeds=(1, 2, 3)):
+    """Tasks whose batches differ in width and token count (the batched path pads them), one with fewer query rows."""
+    tasks = []
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        support, query = random_batch(gen, size=4, length=6 + i), random_batch(gen, size=3 - (i == 1), length=9 - i)
+        tasks.append((support, query))
+    return tasks
+
+
+BATCHED_CASES = [dict(method=m, inner_opt=o, **order, **start) for m in ("lora", "houlsby", "pfeiffer")
+                 for o in ("sgd", "adam")
+                 for order in (dict(first_order=True), dict(first_order=False), dict(first_order=False, inner_backprop=1))
+                 for start in (dict(phi_start="fresh"), dict(phi_start="meta", outer="theta+phi", meta_sgd=True))]
+BATCHED_CASES += [dict(method="lora", mode="maml", inner_opt=o, first_order=f) for o in ("sgd", "adam") for f in (True, False)]
+
+
+@pytest.mark.parametrize("case", BATCHED_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_prime_batched_meta_gradient_is_each_tasks_own(case):
+    case = dict(case)
+    model = tiny_model(case.pop("method"))
+    cfg = prime_cfg(inner_steps=2, support_batches=2, inner_lr=0.1 if case["inner_opt"] == "sgd" else 0.01, **case)
+    tasks, seeds = uneven_tasks(), [11, 12, 13]
+    inner_lrs = mp.make_inner_lrs(model, cfg)
+    params = list(mp.outer_params(model, cfg, inner_lrs).values())
+    batched = grads(mp.meta_loss(model, tasks, cfg, inner_lrs, seeds), params)
+    one_at_a_time = []
+    for task_, seed in zip(tasks, seeds):  # as train.py did before: reseed, then a meta-batch of one
+        torch.manual_seed(seed)
+        one_at_a_time.append(grads(mp.meta_loss(model, [task_], cfg, inner_lrs) / len(tasks), params))
+    want = [sum(g) for g in zip(*one_at_a_time)]
+    scale = max(g.abs().max().item() for g in want)
+    assert scale > 0 and max_diff(batched, want) <= 1e-5 * scale
+
+
+def test_prime_batched_forward_is_each_tasks_own():
+    """The encoder with a task dimension gives each task's logits, phi its own (T LoRAs and heads)."""
+    model = tiny_model().eval()
+    theta, _ = theta_phi(model)
+    phis = [fresh_phi(model, seed) for seed in (1, 2, 3)]
+    for phi in phis:
+        for n, p in phi.items():
+            p.data.normal_(std=0.3)
+    queries = [q for _, q in uneven_tasks()]
+    stacked = mp.stack_tasks(queries, 1)
+    logits = functional_call(model, {**theta, **{n: torch.stack([p[n] for p in phis]) for n in phis[0]}},
+                             (stacked["input_ids"], stacked["attention_mask"]))
+    for t, (q, phi) in enumerate(zip(queries, phis)):
+        alone = functional_call(model, {**theta, **phi}, (q["input_ids"], q["attention_mask"]))
+        rows, width = q["input_ids"].shape
+        real = q["attention_mask"].bool()
+        assert (logits[t, :rows, :width][real] - alone[real]).abs().max() < 1e-12
+
+
+def test_prime_fresh_phi_from_a_seed_is_the_reseeded_draw():
+    model = tiny_model()
+    torch.manual_seed(7)
+    reseeded = fresh_phi(model)
+    assert all(torch.equal(reseeded[n], p) for n, p in fresh_phi(model, 7).items())
+
+
+def test_prime_refuses_a_support_batch_smaller_than_support_batches():
+    support, query = task()  # 3 rows
+    with pytest.raises(ValueError, match=r"^the support batch has 3 rows, fewer than support_batches=4$"):
+        mp.meta_loss(tiny_model(), [(support, query)], prime_cfg(support_batches=4))
 
 
 # ----------------------------------------------------------------------------- helpers

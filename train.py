@@ -131,10 +131,12 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
         for step, metrics in train_steps(out, f"prime-{mode}", args.prime_steps, state, None, args, args.resume):
             tasks = data.episodes(examples, episodes, pad, seed, step)
             loss = torch.zeros((), device=device)
-            for i in my_share(len(tasks), seed, step):  # the meta-loss is the mean over the tasks
+            mine = list(my_share(len(tasks), seed, step))  # this process's tasks, computed together
+            if mine:  # the meta-loss is the mean over the tasks; each task's fresh phi drawn from its own seed
                 with autocast(args, device):
-                    task = tuple(to_device(b, device) for b in tasks[i])
-                    loss = loss + metapeft.meta_loss(model, [task], cfg, inner_lrs) / len(tasks)
+                    share = [tuple(to_device(b, device) for b in tasks[i]) for i in mine]
+                    seeds = [task_seed(seed, step, i) for i in mine]
+                    loss = metapeft.meta_loss(model, share, cfg, inner_lrs, seeds) * len(mine) / len(tasks)
             norm = metapeft.step(loss, params, opt, sched, cfg.clip)
             metrics |= {"meta_loss": global_sum(loss), "grad_norm": norm, "lr": sched.get_last_lr()[0],
                         "tokens": sum(int(b["attention_mask"].sum()) for task in tasks for b in task)}
@@ -623,8 +625,13 @@ def my_share(n, seed, step):
     index): whichever process computes it draws the same, so N processes make the update of one."""
     rank, world = rank_world()
     for index in range(rank, n, world):
-        torch.manual_seed((seed * 1_000_003 + step) * 1_000_003 + index)
+        torch.manual_seed(task_seed(seed, step, index))
         yield index
+
+
+def task_seed(seed, step, index):
+    """The seed of a step's task or micro-batch `index`, whichever process computes it."""
+    return (seed * 1_000_003 + step) * 1_000_003 + index
 
 
 def global_sum(t):
