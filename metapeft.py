@@ -140,8 +140,12 @@ def ce_loss(model, params, batch, total=None):
     """Token cross-entropy (labels -100 ignored) of the model evaluated with the given parameter tensors: the mean
     over the batch's labelled tokens, or their sum / total when the batch is part of one with `total` of them.
     A batch with a task dimension (and params with one on phi) gives each task's loss: [tasks]."""
-    logits = functional_call(model, params, (batch["input_ids"], batch["attention_mask"]))
-    labels = batch["labels"]
+    # Columns that are padding in every row (a support batch is padded as a whole, then split; tasks are padded to
+    # the widest) change nothing but attention's cost: cut.
+    real_columns = batch["attention_mask"].flatten(0, -2).any(0)
+    width = int(real_columns.cumsum(0).argmax()) + 1
+    ids, mask, labels = (batch[k][..., :width] for k in ("input_ids", "attention_mask", "labels"))
+    logits = functional_call(model, params, (ids, mask))
     losses = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=data.IGNORE, reduction="none")
     rows_and_seq = (-2, -1)
     return losses.view(labels.shape).sum(rows_and_seq) / (labels.ne(data.IGNORE).sum(rows_and_seq) if total is None

@@ -263,7 +263,10 @@ class Encoder(nn.Module):
         where = torch.where(mask, slot, T * M).flatten()
         real_at = mask.flatten().nonzero().squeeze(1)
         keep = torch.full((T * M,), mask.numel(), device=ids.device).index_put_((where[real_at],), real_at)
-        x = (self.word_embeddings(unpack(ids.flatten(), keep, self.pad))
+        # Each distinct token looked up once: its embedding gradient is one row per pass, whose sum over passes is the
+        # same, bit for bit, whether the gradient is dense or row-sparse (metapeft.row_sparse_embedding_gradient)
+        tokens, at = unpack(ids.flatten(), keep, self.pad).unique(return_inverse=True)
+        x = (self.word_embeddings(tokens)[at]
              + self.position_embeddings(unpack(positions.flatten(), keep, self.pad))
              + self.token_type_embeddings.weight[0])
         x = self.dropout(self.LayerNorm(x)).view(T, M, -1)
