@@ -155,7 +155,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         y = linear(x, self.weight, self.bias)
         if self.r and not self.merged:
-            y = y + linear(linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+            y = y + linear(linear(self.lora_dropout(x), self.lora_A), self.lora_B * self.scaling)  # B: r columns
         return y
 
     def delta(self):
@@ -263,8 +263,8 @@ class Encoder(nn.Module):
         where = torch.where(mask, slot, T * M).flatten()
         real_at = mask.flatten().nonzero().squeeze(1)
         keep = torch.full((T * M,), mask.numel(), device=ids.device).index_put_((where[real_at],), real_at)
-        # Each distinct token looked up once: its embedding gradient is one row per pass, whose sum over passes is the
-        # same, bit for bit, whether the gradient is dense or row-sparse (metapeft.row_sparse_embedding_gradient)
+        # Each distinct token looked up once: its embedding gradient is one row per pass, so the row-sparse gradient
+        # (metapeft.row_sparse_embedding_gradient) sums the same few values as the dense one
         tokens, at = unpack(ids.flatten(), keep, self.pad).unique(return_inverse=True)
         x = (self.word_embeddings(tokens)[at]
              + self.position_embeddings(unpack(positions.flatten(), keep, self.pad))
