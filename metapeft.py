@@ -98,8 +98,8 @@ def task_loss(model, theta, phi0, support, query, cfg, inner_lrs=None):
     inner = [n for n in params if adapted(n, cfg)]
     alpha, moments = [inner_lrs[n] for n in inner] if inner_lrs else [cfg.inner_lr] * len(inner), None
     matrices = [model.get_parameter(n).ndim >= 2 for n in inner]  # weight decay's, whatever the task dimension
-    supports = [dict(zip(support, rows))
-                for rows in zip(*(t.tensor_split(cfg.support_batches, dim=-2) for t in support.values()))]
+    supports = [dict(zip(support, parts))
+                for parts in zip(*(t.tensor_split(cfg.support_batches, dim=-2) for t in support.values()))]
     K = cfg.inner_steps
     for k in range(K):
         second = not cfg.first_order and k >= K - (cfg.inner_backprop or K)
