@@ -1534,6 +1534,24 @@ def test_train_inner_optimizer_flags():
         assert (cfg.inner_opt, cfg.inner_lr, cfg.inner_weight_decay) == (opt, lr, decay)
 
 
+def test_readme_python_block_runs_a_priming_loop(tiny_testbed, tmp_path, monkeypatch):
+    """The README's Python API block, run as written on the shipped testbed encoder and a tiny world's data (its two
+    paths the only change): the loop primes theta and saves a model that loads again."""
+    readme = (Path(train.__file__).parent / "README.md").read_text()
+    block = re.search(r"^## Python API\n.*?```python\n(.*?)```", readme, re.S | re.M)[1]
+    paths = '"xlm-roberta-base/", "panx/"'
+    assert block.count(paths) == 1
+    monkeypatch.chdir(tmp_path)  # it saves to primed/
+    torch.manual_seed(0)
+    scope = {}
+    exec(block.replace(paths, f"{str(train.WORLD0)!r}, {str(tiny_testbed[1])!r}"), scope)
+    before = load_pretrained(train.WORLD0)
+    primed = load_pretrained(tmp_path / "primed", peft=PeftConfig("lora", lora_r=8))
+    assert primed.labels == scope["labels"] and primed.labels[0] == "O"
+    moved = [n for n, p in before.encoder.named_parameters() if not torch.equal(p, primed.encoder.get_parameter(n))]
+    assert len(moved) == len(list(before.encoder.parameters())), "the outer loop left some of theta as it was"
+
+
 def test_train_defaults_are_primeconfig_and_peftconfig_and_the_readme_recipe():
     """One source of truth: the CLI's defaults are the dataclasses' (real data), the testbed preset changes only the
     flags it names, and the README's recipe table shows exactly these values."""
