@@ -39,9 +39,9 @@ from safetensors.torch import save_file
 
 import data
 import metapeft
-from model import PEFT_FILE, WRITING, CheckpointError, Config, Model, PeftConfig, atomic_write, copy_lm_head, fresh_phi, \
-    load_lora_adapter, load_peft, load_pretrained, open_safetensors, read_json, save_lora_adapter, saved_peft_config, \
-    theta_phi
+from model import PEFT_FILE, WRITING, CheckpointError, Config, Model, PeftConfig, atomic_write, copy_lm_head, \
+    fresh_phi, load_lora_adapter, load_peft, load_pretrained, open_safetensors, read_json, save_lora_adapter, \
+    saved_peft_config, theta_phi
 
 METHODS = ("none", "multitask", "maml", "prime")
 
@@ -512,6 +512,7 @@ def lock_run_folder(out):
 
 
 def release_run_folder():
+    """Let go of the run folder this process holds, if any."""
     global _run_lock
     if _run_lock is not None:
         os.close(_run_lock)
@@ -552,7 +553,7 @@ def making(folder):
         if fd is None:
             log(f"{folder}: waiting for {lock_holder(folder)}, which is making it")
             fd = hold_lock(folder, wait=True)
-    except PermissionError:  # a read-only cache, made already (or its own write fails, naming the file)
+    except OSError:  # no lock on a read-only cache: made already (or what it misses fails, naming the file)
         fd = None
     try:
         yield
@@ -801,7 +802,7 @@ def stop_for_lost_process(error, ranks):
             break
         time.sleep(0.1)
     if rank == 0:
-        log("error: " + stopped_line(f"one of the {world} processes", "this one lost its connection to it"))
+        log("error: " + stopped_line(f"another of the {world} processes", "its connection was lost"))
     sys.exit(2)
 
 
