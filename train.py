@@ -533,8 +533,9 @@ def hold_lock(folder, wait):
         if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             raise
         log(f"warning: {folder / LOCK}: no lock on this file system ({e.strerror}): nothing stops two runs in {folder}")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # what a refused process shows; a full disk is no reason to stop here
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     return fd
 
 
