@@ -759,7 +759,7 @@ _stopping = threading.Lock()  # taken by the first to report a dead process (nev
 
 
 def watch_ranks(ranks):
-    """A thread per started process: one that dies alone (TOGETHER) stops the run at once (stop_for_dead_rank)."""
+    """A thread per started process: one that ends otherwise than TOGETHER stops the run at once (stop_for_dead_rank)."""
     _ranks_ending.clear()
 
     def watch(rank, process):
@@ -784,6 +784,7 @@ def stop_for_dead_rank(ranks, rank):
 
 
 def stopped_line(who, cause):
+    """The one-line stop: who stopped, why, at which step, and how to go on."""
     step = PROGRESS["step"]
     return f"{who} stopped ({cause}) " + (f"at step {step}" if step else "before the first step") + f"; {resume_hint()}"
 
