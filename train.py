@@ -759,7 +759,7 @@ _stopping = threading.Lock()  # taken by the first to report a dead process (nev
 
 
 def watch_ranks(ranks):
-    """A thread per started process: one that ends otherwise than TOGETHER stops the run at once (stop_for_dead_rank)."""
+    """A thread per started process: one that ends otherwise than TOGETHER stops the run (stop_for_dead_rank)."""
     _ranks_ending.clear()
 
     def watch(rank, process):
