@@ -610,7 +610,7 @@ def hold_lock(folder, wait):
     process; None where another process holds it (wait=False). A file system without locks: a warning, and
     no lock."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # never truncated unless held: the holder's
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # no O_TRUNC: its text is the holder's
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
