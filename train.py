@@ -140,6 +140,7 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
                         "tokens": sum(int(b["attention_mask"].sum()) for task in tasks for b in task)}
     if rank_world()[0] == 0:
         save_model(model, out / "model", model_dir)
+        record_priming(out / "model", source, prime_langs, mode)
         if mode == "none" or not set(theta_phi(model)[1]) & set(params):  # phi kept its initial draw: no init
             (out / "model" / PEFT_FILE).unlink(missing_ok=True)        # to offer --phi-init primed
     return out / "model"
@@ -191,8 +192,8 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
         metrics |= {"loss": global_sum(loss), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
                     "lr": sched.get_last_lr()[0], "tokens": int(batch["attention_mask"].sum())}
         if (step + 1) % eval_every == 0 or step + 1 == args.finetune_steps:
-            f1s = {lang: metapeft.evaluate(model, dev[lang], dev_sents[lang], labels, pad, args.eval_batch_size)["f1"]
-                   for lang in [source] + curve}
+            f1s = {lang: evaluate(model, f"finetune dev-{lang}", dev[lang], dev_sents[lang], labels, pad,
+                                  args.eval_batch_size)["f1"] for lang in [source] + curve}
             metrics |= {f"dev_f1_{lang}": f1s[lang] for lang in curve}  # a learning curve for analysis only
             f1 = metrics["dev_f1"] = f1s[source]
             best["dev_f1s"].append(f1)
@@ -213,9 +214,10 @@ def patience_exhausted(dev_f1s, patience):
 
 
 def eval_stage(args, out, model_dir, data_dir):
-    """Test F1 of the source and every evaluation language; dev F1 of the source and of the priming languages with a
-    dev split (what selection may look at: no target-language label). results.json and results.md."""
-    source, prime_langs, evals = resolve_languages(args, data_dir)
+    """Test F1 of the source and the evaluation languages (--eval-langs, else all); dev F1 of the source and of the
+    priming languages with a dev split: --prime-langs, else those the model was primed on (what selection may look
+    at: no target-language label). results.json and results.md."""
+    source, prime_langs, evals = resolve_languages(args, data_dir, model_dir)
     tok, peft = data.load_tokenizer(model_dir), saved_peft_config(model_dir)
     model = load_model(model_dir, tok, args, peft=peft)
     if peft:
@@ -224,11 +226,13 @@ def eval_stage(args, out, model_dir, data_dir):
         raise UsageError(f"--model {model_dir}: no token-classification head (run the finetune stage first)")
     model.to(device_of(args))
     pad, scores = tok.token_to_id("<pad>"), {}
-    for split, langs in (("test", [source] + evals),
-                         ("dev", [source] + [l for l in prime_langs if l in data.languages(data_dir, "dev")])):
+    dev = [source] + [l for l in prime_langs if l in data.languages(data_dir, "dev")]
+    sets = {"test": [source] + evals, "dev": dev}
+    log(f"eval: test sets {', '.join(sets['test'])}; dev sets {', '.join(dev)} (the source and priming languages)")
+    for split, langs in sets.items():
         _, sents, examples = load_examples(data_dir, split, langs, tok, model.labels, args.max_len)
-        scores[split] = {l: metapeft.evaluate(model, examples[l], sents[l], model.labels, pad, args.eval_batch_size)
-                         for l in langs}
+        scores[split] = {l: evaluate(model, f"eval {split}-{l}", examples[l], sents[l], model.labels, pad,
+                                     args.eval_batch_size) for l in langs}
     result = {"model": str(model_dir), "source": source, "f1": {l: r["f1"] for l, r in scores["test"].items()},
               "target_avg_f1": data.macro_average({l: scores["test"][l] for l in evals}),
               "dev_f1": {l: r["f1"] for l, r in scores["dev"].items()}, "detail": scores["test"]}
@@ -253,8 +257,11 @@ def export_stage(args, model_dir, out):
                              f"format: they stay in peft.safetensors, see README)")
         save_lora_adapter(load_peft(load_pretrained(model_dir, peft=peft), model_dir), out, model_dir.resolve())
     else:
+        log(f"export: reading {model_dir}")
         model = load_pretrained(model_dir, mlm=args.format == "hf-mlm")
+        log(f"export: writing {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
         model.save_pretrained(out, layout={"hf-mlm": "mlm", "hf-base": "base"}[args.format])
+        copy_priming(model_dir, out)
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
 
@@ -323,15 +330,15 @@ def resolve_inputs(args):
     return Path(args.model), data_dir
 
 
-def resolve_languages(args, data_dir):
-    """(source, priming query languages, evaluation languages), with the zero-shot warning."""
+def resolve_languages(args, data_dir, model_dir=None):
+    """(source, priming query languages, evaluation languages), with the zero-shot warning. Evaluation languages:
+    --eval-langs, else every language with a test split but the source; priming languages: --prime-langs, else
+    default_prime_langs (model_dir: the model being evaluated)."""
     have = data.languages(data_dir, "train")
     if args.source not in have:
         raise UsageError(f"--data {data_dir}: no train split for the source language {args.source!r} (found {have})")
     targets = [l for l in data.languages(data_dir, "test") if l != args.source]
-    # Default priming languages: those with training data but no test split (the testbed's), else all but the source.
-    queries = [l for l in have if l != args.source and l not in targets] or [l for l in have if l != args.source]
-    queries = args.prime_langs.split(",") if args.prime_langs else queries
+    queries = args.prime_langs.split(",") if args.prime_langs else default_prime_langs(args, data_dir, model_dir)
     evals = args.eval_langs.split(",") if args.eval_langs else targets
     curve = args.curve_langs.split(",") if args.curve_langs else []
     for flag, langs, split in (("--prime-langs", queries, "train"), ("--eval-langs", evals, "test"),
@@ -348,14 +355,68 @@ def resolve_languages(args, data_dir):
     return args.source, queries, evals
 
 
+def default_prime_langs(args, data_dir, model_dir=None):
+    """The priming languages when --prime-langs is not given. Never every language of the folder (on PAN-X that
+    primes on, and makes eval score the dev sets of, 39 languages): the languages model_dir's encoder was primed on
+    (primed_on; they are what eval's dev F1 reports), else those with training data but no test split (the
+    testbed's es, el). Neither: eval scores the source's dev set alone; the stages that prime refuse, naming the
+    languages found."""
+    recorded = primed_on(model_dir)
+    if recorded is not None:
+        return recorded
+    train_langs = [l for l in data.languages(data_dir, "train") if l != args.source]
+    tested = set(data.languages(data_dir, "test"))
+    langs = [l for l in train_langs if l not in tested]
+    if not langs and args.stage not in ("finetune", "eval"):
+        raise UsageError(f"--prime-langs: not given, and every language in {data_dir} with training data has a test "
+                         f"split (no default: priming on all would leave no zero-shot target); choose among "
+                         f"{','.join(train_langs)}")
+    return langs
+
+
+PRIMING_FILE = "priming.json"  # in a model folder: the source and languages its encoder was primed on
+
+
+def record_priming(model_out, source, prime_langs, mode):
+    """Write the priming record into a saved model folder (finetune and export carry it along: copy_priming)."""
+    write_json(Path(model_out) / PRIMING_FILE, {"source": source, "prime_langs": prime_langs, "mode": mode})
+
+
+def copy_priming(model_dir, out):
+    if (Path(model_dir) / PRIMING_FILE).exists():
+        shutil.copyfile(Path(model_dir) / PRIMING_FILE, Path(out) / PRIMING_FILE)
+
+
+def primed_on(model_dir):
+    """The priming languages recorded in model_dir (None: not a primed model, or no folder)."""
+    path = model_dir and Path(model_dir) / PRIMING_FILE
+    if not path or not path.exists():
+        return None
+    langs = read_json(path).get("prime_langs")
+    if not isinstance(langs, list) or not all(isinstance(l, str) for l in langs):
+        raise CheckpointError(f"{path}: expected a list of language codes in 'prime_langs'")
+    return langs
+
+
 def load_examples(data_dir, split, langs, tok, labels, max_len):
-    """(labels, sentences, examples) of a split per language; labels=None: the first language's."""
-    sents = {lang: data.read_split(data_dir, split, lang) for lang in langs}
-    labels = labels or data.label_list(sents[langs[0]])
-    label2id = {l: i for i, l in enumerate(labels)}
-    for lang, s in sents.items():
-        data.check_labels(s, labels, str(data.split_path(data_dir, split, lang)))
-    return labels, sents, {lang: data.encode(s, tok, label2id, max_len) for lang, s in sents.items()}
+    """(labels, sentences, examples) of a split per language; labels=None: the first language's. Shows progress."""
+    sents, examples, sentences = {}, {}, 0
+    report = progress(f"load {split}", len(langs), "sent")
+    for i, lang in enumerate(langs, 1):
+        sents[lang] = data.read_split(data_dir, split, lang)
+        labels = labels or data.label_list(sents[lang])
+        data.check_labels(sents[lang], labels, str(data.split_path(data_dir, split, lang)))
+        examples[lang] = data.encode(sents[lang], tok, {tag: k for k, tag in enumerate(labels)}, max_len)
+        sentences += len(sents[lang])
+        report(i, sentences)
+    return labels, sents, examples
+
+
+def evaluate(model, name, examples, sentences, labels, pad, batch_size):
+    """metapeft.evaluate with a progress line `name` in sentences (examples are in sentence order)."""
+    report = progress(name, len(sentences), "sent")
+    return metapeft.evaluate(model, examples, sentences, labels, pad, batch_size,
+                             progress=lambda n: report(examples[n - 1].sent + 1))
 
 
 def episode_config(args, source, query_langs, pairing):
@@ -423,6 +484,7 @@ def save_model(model, out, model_dir):
         raise UsageError(f"{out}: not saved: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
     model.save_pretrained(out)
     shutil.copyfile(Path(model_dir) / "tokenizer.json", Path(out) / "tokenizer.json")
+    copy_priming(model_dir, out)
     if model.lm_head is None:
         copy_lm_head(model_dir, out)
 
@@ -539,18 +601,38 @@ def train_steps(out, name, total, state, extra, args, resume):
             signal.signal(s, h)
 
 
-def show_progress(name, step, total, start, seconds, tokens, metrics, last):
-    """Step `step` of [start, total) after `seconds` and `tokens`: one self-overwriting line on a terminal; in a log
-    file a plain line every total / 20 steps and at the last."""
+def show_progress(name, step, total, start, seconds, tokens, metrics, last, unit="tok", previous=None):
+    """Step `step` of [start, total) after `seconds` and `tokens` (or other `unit`s): one self-overwriting line on a
+    terminal; in a log file a plain line each time a twentieth of total is passed (since step `previous`, by
+    default step - 1) and at the last."""
     rate = (step - start) / seconds
     eta = round((total - step) / rate) if rate else 0  # whole seconds first: 179.6 s is 3m00s, not 2m60s
-    items = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    line = f"{name} {step}/{total} {items} | {tokens / seconds:.0f} tok/s ETA {eta // 60}m{eta % 60:02d}s"
+    items = [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
+    line = " ".join([f"{name} {step}/{total}", *items, f"| {tokens / seconds:.0f} {unit}/s"]) + \
+        f" ETA {eta // 60}m{eta % 60:02d}s"
+    every = max(1, total // 20)
     if sys.stderr.isatty():
         print(f"\r{line[:shutil.get_terminal_size().columns - 1]}\033[K", end="\n" if last else "", file=sys.stderr,
               flush=True)
-    elif step % max(1, total // 20) == 0 or last:
+    elif step // every > (step - 1 if previous is None else previous) // every or last:
         log(line)
+
+
+PROGRESS_DELAY = 1.0  # seconds: a loop shows progress once it has run this long (a quick one prints nothing)
+
+
+def progress(name, total, unit):
+    """show_progress for a loop over `total` items (languages, sentences) outside training: report(done, counted)
+    after each part, `counted` units (default: done) giving the rate; silent for the loop's first PROGRESS_DELAY s."""
+    t0, shown = time.time(), [0]
+
+    def report(done, counted=None):
+        seconds = time.time() - t0
+        if seconds >= PROGRESS_DELAY:
+            show_progress(name, done, total, 0, seconds, done if counted is None else counted, {}, done == total,
+                          unit, shown[0])
+            shown[0] = done
+    return report
 
 
 def save_checkpoint(path, state, extra, step, stop, skipped):
@@ -711,8 +793,10 @@ def make_parser(stage=None, description=__doc__):
       "(XLMRobertaForMaskedLM), hf-base (XLMRobertaModel) or peft (LoRA + head as a peft adapter folder)")
     a = p.add_argument_group("data and episodes").add_argument
     a("--source", default="en", help="source language: fine-tuning and episode support batches")
-    a("--prime-langs", type=names, help="comma-separated query languages of priming episodes; omitted: the "
-      "languages with a train but no test split (the testbed's es, el), else all but the source")
+    a("--prime-langs", type=names, help="comma-separated query languages of priming episodes (eval: the priming "
+      "languages whose dev F1 it reports); omitted: eval takes those the model was primed on (its priming.json), "
+      "else the languages with a train but no test split (the testbed's es, el); if there are none (PAN-X), prime "
+      "refuses and eval reports the source's dev F1 alone")
     a("--eval-langs", type=names, help="comma-separated evaluation (target) languages; omitted: all test languages "
       "but the source")
     a("--max-len", type=number(int, lambda v: v >= 3, ">= 3 (<s>, </s> and one labelled subword)"), default=128,
