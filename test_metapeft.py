@@ -1121,15 +1121,20 @@ def test_prime_short_run_lowers_query_loss_and_saves(tmp_path):
         assert torch.allclose(ours(*x)[real], hf(*x).logits[real], atol=1e-5)
 
 
+def bench_script(name):
+    """bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_meta_steps_agree_with_the_reference(tmp_path, capsys):
     """bench/run.py's variants at a tiny size: ours and the transformers + peft reference take the meta-step with the
     same gradient norm (first and second order, and the recipe's 20 inner AdamW steps), and the encoders agree."""
     import argparse
-    import importlib.util
-    path = os.path.join(os.path.dirname(__file__), "bench", "run.py")
-    spec = importlib.util.spec_from_file_location("bench_run", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("run")
     args = dict(layers=1, vocab=100, batch=2, seq=8, steps=1, threads=1, device="cpu", dtype="fp32", no_padding=False,
                 ckpt=str(tmp_path))
     bench.write_checkpoints(argparse.Namespace(**args), tmp_path)
@@ -1353,6 +1358,69 @@ def test_train_export_and_import(tiny_testbed, tmp_path, monkeypatch, capsys):
                           (["--stage", "finetune", "--batch-size", 4, "--micro-batch", 4], "--micro-batch 4: a batch "
                            "of 4 has fewer micro-batches than the 2 processes")]:
         fails_cleanly(capsys, [*argv, "--out", tmp_path / "bad"], message)
+
+
+# ----------------------------------------------------------------------------- rehearsal at xlm-roberta-base's shape
+
+@pytest.fixture(scope="module")
+def xlmr_panx(tmp_path_factory):
+    """bench/rehearsal.py's inputs, small: transformers' XLMRobertaForMaskedLM with xlm-roberta-base's vocabulary and
+    width (250,002 x 768) and 1 layer in the hub layout, its 250,002-piece XLM-R-layout tokenizer.json, and PAN-X's
+    40 languages in XTREME's layout (40 train, 20 dev, 20 test sentences each)."""
+    rehearsal, root = bench_script("rehearsal"), tmp_path_factory.mktemp("xlmr")
+    rehearsal.write_checkpoint(root / "model", layers=1)
+    rehearsal.write_tokenizer(root / "model")
+    rehearsal.write_panx(root / "panx", {"train": 40, "dev": 20, "test": 20})
+    return root / "model", root / "panx", rehearsal.PANX_LANGS
+
+
+def shown(err, stage):
+    """(split, language) of the progress lines `stage` printed for each evaluated set's last batch."""
+    return {m[:2] for m in re.findall(rf"^{stage} (\w+)-(\w+) (\d+)/\3 \| \d+ sent/s ETA 0m00s$", err, re.M)}
+
+
+def test_rehearsal_of_the_readme_real_data_commands_at_xlmr_base_shape(xlmr_panx, tmp_path, monkeypatch, capsys):
+    """The README's real-data commands, prime -> finetune -> eval -> export with few steps, at xlm-roberta-base's
+    vocabulary and width on a 40-language PAN-X folder: what the 3,000-piece, 7-language testbed cannot show
+    (vocabulary-sized buffers, per-language loops, default language sets). eval scores exactly the asked test sets
+    and the dev sets of the languages the model was primed on, with a progress line for each."""
+    model, panx, langs = xlmr_panx
+    tok = data.load_tokenizer(model)
+    assert tok.get_vocab_size() == 250_002 and [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3, 250_001]
+    assert all(data.languages(panx, split) == langs for split in ("train", "dev", "test")) and len(langs) == 40
+    monkeypatch.setattr(train, "PROGRESS_DELAY", 0.0)  # every loop shows its progress, however quick
+    common = ["--data", panx, "--procs", 1]  # one process: the second would hold a second copy of the weights
+    fails_cleanly(capsys, ["--stage", "prime", "--model", model, *common, "--out", tmp_path / "p0"],  # no default:
+                  "choose among " + ",".join(l for l in langs if l != "en"))  # priming on all leaves no target
+    prime, tuned, evaluated, exported = (tmp_path / s for s in ("prime", "finetune", "eval", "export"))
+    assert run_cli("--stage", "prime", "--model", model, *common, "--source", "en", "--prime-langs", "de,es,nl,ru,zh",
+                   "--eval-langs", "ar,he,hi,ja,ko,my,ta,th,tr", "--prime-steps", 1, "--inner-steps", 2,
+                   "--support-batches", 2, "--tasks", 2, "--prime-warmup", 0, "--out", prime) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^load train 6/6 \| \d+ sent/s ETA 0m00s$", err, re.M), err
+    step = json.loads((prime / "metrics.jsonl").read_text())
+    assert step["step"] == 1 and math.isfinite(step["meta_loss"]) and step["grad_norm"] > 0
+    assert json.loads((prime / "model" / "priming.json").read_text()) == {
+        "source": "en", "prime_langs": ["de", "es", "nl", "ru", "zh"], "mode": "prime"}
+    assert run_cli("--stage", "finetune", "--model", prime / "model", *common, "--finetune-steps", 2,
+                   "--out", tuned) == 0
+    err = capsys.readouterr().err
+    assert shown(err, "finetune") == {("dev", "en")}, err
+    assert (tuned / "model" / "priming.json").read_bytes() == (prime / "model" / "priming.json").read_bytes()
+    assert run_cli("--stage", "eval", "--model", tuned / "model", *common, "--eval-langs", "ar,ja,sw",
+                   "--out", evaluated) == 0
+    err, results = capsys.readouterr().err, json.loads((evaluated / "results.json").read_text())
+    assert set(results["f1"]) == {"en", "ar", "ja", "sw"} and set(results["dev_f1"]) == {"en", "de", "es", "nl", "ru", "zh"}
+    assert shown(err, "eval") == {("test", l) for l in results["f1"]} | {("dev", l) for l in results["dev_f1"]}, err
+    assert run_cli("--stage", "export", "--model", prime / "model", "--format", "hf-mlm", "--out", exported) == 0
+    assert "export: writing" in capsys.readouterr().err
+    assert (exported / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    assert json.loads((exported / "config.json").read_text())["architectures"] == ["XLMRobertaForMaskedLM"]
+    key = "roberta.embeddings.word_embeddings.weight"
+    with safe_open(exported / "model.safetensors", "pt") as out, safe_open(prime / "model" / "model.safetensors", "pt") as primed, \
+            safe_open(model / "model.safetensors", "pt") as start:
+        assert out.get_slice(key).get_shape() == [250_002, 768]
+        assert torch.equal(out.get_tensor(key), primed.get_tensor(key)) and not torch.equal(out.get_tensor(key), start.get_tensor(key))
 
 
 def fails_cleanly(capsys, argv, message, main=train.main):

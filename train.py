@@ -35,9 +35,9 @@ from safetensors.torch import save_file
 
 import data
 import metapeft
-from model import PEFT_FILE, CheckpointError, Config, Model, PeftConfig, atomic_write, copy_lm_head, fresh_phi, \
-    load_lora_adapter, load_peft, load_pretrained, open_safetensors, read_json, save_lora_adapter, saved_peft_config, \
-    theta_phi
+from model import PEFT_FILE, CheckpointError, Config, Model, PeftConfig, all_finite, atomic_write, copy_lm_head, \
+    fresh_phi, load_lora_adapter, load_peft, load_pretrained, open_safetensors, read_json, save_lora_adapter, \
+    saved_peft_config, theta_phi
 
 METHODS = ("none", "multitask", "maml", "prime")
 
@@ -479,7 +479,7 @@ def load_model(model_dir, tok, args, **kw):
 def save_model(model, out, model_dir):
     """The model in the Hugging Face layout, the tokenizer beside it, and model_dir's MLM head if the model has none
     (so it exports as XLMRobertaForMaskedLM). Never non-finite weights."""
-    bad = [n for n, p in model.named_parameters() if not p.isfinite().all()]
+    bad = [n for n, p in model.named_parameters() if not all_finite(p)]
     if bad:
         raise UsageError(f"{out}: not saved: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
     model.save_pretrained(out)
@@ -648,7 +648,7 @@ def save_checkpoint(path, state, extra, step, stop, skipped):
         tensors[key := str(len(tensors))] = t.detach().cpu().contiguous()
         return {"tensor": key}
     meta = json.dumps(blob, default=moved)
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not all_finite(t)]
     if bad:
         raise UsageError(f"{path}: not overwritten: non-finite values at step {step} in {len(bad)} state tensor(s)")
     atomic_write(path, lambda f: save_file(tensors, f, metadata={"train_state": meta}))
