@@ -1386,7 +1386,8 @@ def test_rehearsal_of_the_readme_real_data_commands_at_xlmr_base_shape(xlmr_panx
     and the dev sets of the languages the model was primed on, with a progress line for each."""
     model, panx, langs = xlmr_panx
     tok = data.load_tokenizer(model)
-    assert tok.get_vocab_size() == 250_002 and [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3, 250_001]
+    assert tok.get_vocab_size() == 250_002
+    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3, 250_001]  # <s> <pad> </s> <unk> <mask>
     assert all(data.languages(panx, split) == langs for split in ("train", "dev", "test")) and len(langs) == 40
     monkeypatch.setattr(train, "PROGRESS_DELAY", 0.0)  # every loop shows its progress, however quick
     common = ["--data", panx, "--procs", 1]  # one process: the second would hold a second copy of the weights
@@ -1410,17 +1411,20 @@ def test_rehearsal_of_the_readme_real_data_commands_at_xlmr_base_shape(xlmr_panx
     assert run_cli("--stage", "eval", "--model", tuned / "model", *common, "--eval-langs", "ar,ja,sw",
                    "--out", evaluated) == 0
     err, results = capsys.readouterr().err, json.loads((evaluated / "results.json").read_text())
-    assert set(results["f1"]) == {"en", "ar", "ja", "sw"} and set(results["dev_f1"]) == {"en", "de", "es", "nl", "ru", "zh"}
+    assert set(results["f1"]) == {"en", "ar", "ja", "sw"}  # the asked test sets, and the primed-on dev sets
+    assert set(results["dev_f1"]) == {"en", "de", "es", "nl", "ru", "zh"}
     assert shown(err, "eval") == {("test", l) for l in results["f1"]} | {("dev", l) for l in results["dev_f1"]}, err
     assert run_cli("--stage", "export", "--model", prime / "model", "--format", "hf-mlm", "--out", exported) == 0
     assert "export: writing" in capsys.readouterr().err
     assert (exported / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
     assert json.loads((exported / "config.json").read_text())["architectures"] == ["XLMRobertaForMaskedLM"]
     key = "roberta.embeddings.word_embeddings.weight"
-    with safe_open(exported / "model.safetensors", "pt") as out, safe_open(prime / "model" / "model.safetensors", "pt") as primed, \
-            safe_open(model / "model.safetensors", "pt") as start:
-        assert out.get_slice(key).get_shape() == [250_002, 768]
-        assert torch.equal(out.get_tensor(key), primed.get_tensor(key)) and not torch.equal(out.get_tensor(key), start.get_tensor(key))
+    embeddings = {}
+    for name, folder in (("start", model), ("primed", prime / "model"), ("exported", exported)):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            embeddings[name] = f.get_tensor(key)
+    assert embeddings["exported"].shape == (250_002, 768) and torch.equal(embeddings["exported"], embeddings["primed"])
+    assert not torch.equal(embeddings["primed"], embeddings["start"])  # priming moved the embeddings
 
 
 def fails_cleanly(capsys, argv, message, main=train.main):
@@ -1592,6 +1596,36 @@ def test_train_overlap_warning(tiny_testbed, tmp_path, capsys):
     run_cli("--model", model, "--data", world, "--prime-langs", "de", "--eval-langs", "de,ru", "--prime-steps", 1,
             "--out", tmp_path / "overlap", *TINY_RUN)
     assert "priming languages ['de'] are also evaluated on" in capsys.readouterr().err
+
+
+def test_train_eval_scores_the_asked_sets_and_the_priming_languages_of_the_model(tiny_testbed, tmp_path, capsys):
+    """eval's dev sets: the source and --prime-langs, else the languages the model was primed on (priming.json, carried
+    by finetune), else those with no test split; on a folder where every language has a test split (PAN-X) a model
+    never primed gets the source's alone, and prime without --prime-langs refuses, naming the languages."""
+    model, world = tiny_testbed
+    panx = tmp_path / "panx"  # the testbed without its priming-only languages: every language has a test split
+    shutil.copytree(world, panx, ignore=shutil.ignore_patterns("*-es.tsv", "*-el.tsv"))
+    steps = [*TINY_RUN, "--finetune-steps", 1, "--prime-steps", 1]
+    results = lambda out: json.loads((tmp_path / out / "results.json").read_text())
+    fails_cleanly(capsys, ["--stage", "prime", "--model", model, "--data", panx, "--out", tmp_path / "p0", *steps],
+                  f"--prime-langs: not given, and every language in {panx} with training data has a test split "
+                  f"(no default: priming on all would leave no zero-shot target); choose among de,ja,ru,tr")
+    assert run_cli("--stage", "finetune", "--model", model, "--data", panx, "--out", tmp_path / "f", *steps) == 0
+    assert run_cli("--stage", "eval", "--model", tmp_path / "f" / "model", "--data", panx, "--eval-langs", "ja",
+                   "--out", tmp_path / "e", *steps) == 0
+    assert set(results("e")["f1"]) == {"en", "ja"} and set(results("e")["dev_f1"]) == {"en"}
+    assert "eval: test sets en, ja; dev sets en (the source and priming languages)" in capsys.readouterr().err
+    assert run_cli("--stage", "prime", "--model", model, "--data", panx, "--prime-langs", "ru,tr", "--out",
+                   tmp_path / "p", *steps) == 0
+    assert run_cli("--stage", "finetune", "--model", tmp_path / "p" / "model", "--data", panx, "--out",
+                   tmp_path / "pf", *steps) == 0
+    for out, flags, dev in (("pe", [], {"en", "ru", "tr"}), ("pe2", ["--prime-langs", "de"], {"en", "de"})):
+        assert run_cli("--stage", "eval", "--model", tmp_path / "pf" / "model", "--data", panx, "--out", tmp_path / out,
+                       *flags, *steps) == 0
+        assert set(results(out)["f1"]) == {"en", "de", "ja", "ru", "tr"} and set(results(out)["dev_f1"]) == dev
+    assert run_cli("--stage", "eval", "--model", tmp_path / "pf" / "model", "--data", world, "--out", tmp_path / "we",
+                   *steps) == 0  # on the testbed with its es, el: the recorded languages still
+    assert set(results("we")["dev_f1"]) == {"en", "ru", "tr"}
 
 
 def test_train_inner_optimizer_flags():
@@ -1856,6 +1890,18 @@ def test_train_progress_eta_rounds_to_whole_seconds(capsys):
     # 1 step in 19.96 s, 9 to go: 179.64 s, which is 3m00s (it once printed 2m60s)
     train.show_progress("x", 1, 10, 0, 19.96, 0, {"loss": 0.5}, last=True)
     assert capsys.readouterr().err.strip().endswith("| 0 tok/s ETA 3m00s")
+
+
+def test_train_progress_of_a_loop_shows_each_twentieth_once_after_its_delay(monkeypatch, capsys):
+    for delay, lines in ((0.0, 20), (60.0, 0)):  # a quick loop prints nothing
+        monkeypatch.setattr(train, "PROGRESS_DELAY", delay)
+        report = train.progress("eval test-de", 1000, "sent")
+        for done in [*range(30, 1000, 30), 1000]:  # batches of 30 sentences: a line per 50 passed, and the last
+            report(done)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == lines
+        assert all(re.fullmatch(r"eval test-de \d+/1000 \| \d+ sent/s ETA \dm\d\ds", l) for l in err)
+        assert not err or err[-1].startswith("eval test-de 1000/1000 ") and err[-1].endswith("ETA 0m00s")
 
 
 def test_experiment_jobs_2_gives_the_same_table_as_jobs_1(tiny_testbed, tmp_path):
