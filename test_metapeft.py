@@ -1690,13 +1690,13 @@ def test_world0_ships_byte_identical_and_matches_its_regenerated_world(tmp_path)
 def test_train_every_numeric_flag_has_a_range():
     import argparse
     parser = experiment.make_parser  # train.py's flags and the experiment's
-    numeric = {k for k, v in vars(train.parse_args([], parser())).items() if type(v) in (int, float)}
+    numeric = {k for k, v in vars(train.parse_args([], parser)).items() if type(v) in (int, float)}
     types = {a.dest: a.type for a in parser()._actions if a.dest in numeric}
     assert set(types) == numeric
     for check in types.values():  # each flag's type is a range (train.number), which refuses -1
         with pytest.raises(argparse.ArgumentTypeError, match="must be"):
             check("-1")
-    quick = train.parse_args(["--preset", "quick", "--prime-steps", "2"], parser())  # defaults, not given flags
+    quick = train.parse_args(["--preset", "quick", "--prime-steps", "2"], parser)  # defaults, not given flags
     assert (quick.prime_steps, quick.finetune_steps, quick.seeds) == (2, 300, 2)
 
 
@@ -1785,6 +1785,32 @@ def test_train_sigterm_checkpoints_at_a_step_and_resumes_to_the_same_weights(tin
     assert run_cli(*argv, "--out", tmp_path / "whole") == 0
     a, b = weights(tmp_path / "whole" / "model"), weights(out / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- checkpoints of earlier code
+
+def test_train_resumes_a_checkpoint_written_before_the_reorder(tmp_path, monkeypatch, capsys):
+    """testdata/pretrain-e516686 (its make.sh): with the code of commit e516686, a pretrain run stopped after
+    step 3 of 6, and the same run uninterrupted. Today's code resumes the first to the second's steps and weights."""
+    shutil.copytree(Path(__file__).parent / "testdata" / "pretrain-e516686", tmp_path / "f")
+    monkeypatch.chdir(tmp_path / "f")  # the runs' config.json name the data folder relative to it
+    argv = ["--stage", "pretrain", "--data", "world", "--tiny-hidden", 32, "--tiny-layers", 1, "--max-len", 48,
+            "--batch-size", 8, "--pretrain-steps", 6, "--ckpt-every", 2, "--threads", 1]
+    threads = torch.get_num_threads()
+    try:
+        assert run_cli(*argv, "--out", "run", "--resume") == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "pretrain: resumed from run/checkpoint-pretrain.safetensors at step 3" in capsys.readouterr().err
+    resumed, whole = ([json.loads(l) for l in Path(run, "metrics.jsonl").read_text().splitlines()]
+                      for run in ("run", "whole"))
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6] and resumed[:3] == whole[:3]
+    for a, b in zip(resumed[3:], whole[3:]):  # steps 4-6 go on from the old checkpoint: the same batches, masks
+        assert a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    a, b = weights(Path("run", "model")), weights(Path("whole", "model"))
+    # bit-identical on the machine that made the fixture; another CPU's kernels may round differently
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max() for k in a) < 1e-6
 
 
 def test_train_continued_mlm_is_seeded(tiny_testbed, tmp_path):
@@ -1888,7 +1914,8 @@ def test_experiment_t_quantile():
 
 def test_train_progress_eta_rounds_to_whole_seconds(capsys):
     # 1 step in 19.96 s, 9 to go: 179.64 s, which is 3m00s (it once printed 2m60s)
-    train.show_progress("x", 1, 10, 0, 19.96, 0, {"loss": 0.5}, last=True)
+    train.show_progress(train.progress_line("x", 1, 10, {"loss": 0.5}, steps_per_s=1 / 19.96, tokens_per_s=0), 1, 10,
+                        last=True)
     assert capsys.readouterr().err.strip().endswith("| 0 tok/s ETA 3m00s")
 
 

@@ -41,7 +41,8 @@ def experiment(args, out, model_dir, data_dir):
     if args.per_world:
         worlds = [(Path(f"{args.testbed}-{s}") / "log.txt", train.testbed, args, s) for s in seeds]
         inputs = {call[-1]: dirs for call, dirs in run_jobs(jobs, threads, worlds)}
-    source, _, evals = train.resolve_languages(args, inputs[seeds[0]][1])
+    source, prime_langs, evals = train.resolve_languages(args, inputs[seeds[0]][1])
+    train.warn_if_not_zero_shot(prime_langs, evals)
     todo = [(out / f"seed{s}" / m / "log.txt", cell, args, out / f"seed{s}" / m, *inputs[s], m, s)
             for s in seeds for m in methods if not cell_done(out / f"seed{s}" / m, cell_runs(args, m))]
     todo.sort(key=lambda call: call[-2] == "none")  # the short cells last: no process idles while one primes
@@ -214,7 +215,17 @@ def check(args):
 
 
 def main(argv=None):
-    train.main(argv, make_parser(), check, experiment)
+    """The experiment's command line, train.py's errors and interruptions handled as there."""
+    with train.command_line() as run:
+        args = train.parse_args(argv, make_parser)
+        check(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model_dir, data_dir = (None, None) if args.per_world else train.resolve_inputs(args)
+        run.out = train.start_run(args, "experiment", make_parser, keep=True)  # it keeps the finished cells
+        train.log_presets(args)
+        train.note_testbed(args, data_dir)
+        experiment(args, run.out, model_dir, data_dir)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,17 @@ def check(args):
 
 
 def main(argv=None):
-    train.main(argv, make_parser(), check, probe)
+    """The probe's command line, train.py's errors and interruptions handled as there."""
+    with train.command_line() as run:
+        args = train.parse_args(argv, make_parser)
+        check(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model_dir, data_dir = train.resolve_inputs(args)
+        run.out = train.start_run(args, "probe", make_parser)
+        train.log_presets(args)
+        train.note_testbed(args, data_dir)
+        probe(args, run.out, model_dir, data_dir)
 
 
 if __name__ == "__main__":
