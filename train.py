@@ -310,6 +310,7 @@ def record_priming(model_out, source, prime_langs, mode):
 
 
 def copy_priming(model_dir, out):
+    """model_dir's priming record, if it has one, into the model folder `out` (saved from it)."""
     if (Path(model_dir) / PRIMING_FILE).exists():
         shutil.copyfile(Path(model_dir) / PRIMING_FILE, Path(out) / PRIMING_FILE)
 
