@@ -1824,6 +1824,181 @@ def test_train_continued_mlm_is_seeded(tiny_testbed, tmp_path):
     assert a == b != (dropout / "model.safetensors").read_bytes()
 
 
+# ---------------------------------------------------------------------------------------------- study/
+
+from xml.etree import ElementTree  # noqa: E402
+
+from study import figures  # noqa: E402
+
+STUDY = Path(__file__).resolve().parent / "study"
+
+
+def test_study_scripts_import_and_explain_themselves(capsys):
+    """Every Python file of study/ imports without running anything and answers --help; none is named like a module of
+    the standard library (which it would shadow for the scripts beside it)."""
+    files = sorted(STUDY.glob("*.py")) + sorted(STUDY.glob("*/*.py"))
+    assert {"experiment", "probe", "figures", "verdict", "pool", "selection"} <= {f.stem for f in files}
+    for f in files:
+        assert f.stem not in sys.stdlib_module_names, f
+        module = importlib.import_module(".".join(f.relative_to(STUDY.parent).with_suffix("").parts))
+        with pytest.raises(SystemExit) as e:
+            module.main(["--help"])
+        assert e.value.code == 0 and "usage:" in capsys.readouterr().out, f
+
+
+def test_no_core_module_imports_matplotlib():
+    code = "import sys, data, model, metapeft, train; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=STUDY.parent).returncode == 0
+
+
+@pytest.mark.parametrize("study, first, last, script", [("v4", 1001, 1060, "bash study/v4.sh"),
+                                                        ("v5", 2001, 2160, "bash $REPO/study/v5/v5.sh")])
+def test_study_reproduce_dry_run_names_the_pinned_commit(study, first, last, script, tmp_path):
+    commit, wt = (STUDY / study / "COMMIT").read_text().strip(), tmp_path / "worktree"
+
+    def reproduce(*argv):
+        return subprocess.run(["bash", "study/reproduce.sh", *map(str, argv)], cwd=STUDY.parent, capture_output=True,
+                              text=True, env=os.environ | {"WORKTREE": str(wt), "PY": sys.executable})
+
+    run = reproduce(study, "--dry-run")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.replace(str(STUDY.parent), "$REPO").splitlines()
+    assert commit.startswith("528169d") and f"worlds {first}-{last}" in lines[0] and lines[0].endswith(commit)
+    assert lines[1:] == [f"+ git worktree add --detach {wt} {commit}",
+                         f"+ (cd {wt} && FIRST={first} N={last - first + 1} PY={sys.executable} {script})",
+                         *lines[3:-1], f"+ {sys.executable} -m study.analysis.verdict "
+                                       f"{wt}/runs/{study}/cells/experiment.json {last - first + 1}"]
+    assert all(str(wt) in line for line in lines[1:]) and not wt.exists()  # a dry run makes nothing
+    part = reproduce(study, first + 1, first + 2, "--dry-run")
+    assert part.returncode == 0 and f"FIRST={first + 1} N=2 " in part.stdout
+    for bad in (["v0"], [study, 1, 2], [study, first], [study, last, first]):
+        run = reproduce(*bad, "--dry-run")
+        assert run.returncode == 2 and run.stdout == "" and len(run.stderr.splitlines()) == 1, bad
+
+
+def test_study_verdict_of_the_committed_tables_is_the_logged_one():
+    from study.analysis.verdict import verdict
+    v4, v5 = (json.loads((STUDY / "results" / f"{s}.json").read_text()) for s in ("v4", "v5"))
+    assert verdict(v5, 160) == ["prime - multitask: +0.81 [+0.27, +1.36], wins 94/160: differs (prime higher)"]
+    assert verdict(v4, 60) == ["prime - multitask: +0.43 [-0.39, +1.25], wins 32/60: undecided",
+                               "prime - maml: +2.11 [+1.20, +3.01], wins 40/60: differs (prime higher)"]
+    assert verdict(v4, 61)[0].endswith("(PARTIAL: 60 of 61 worlds, descriptive, not the verdict)")
+    one = {"seeds": [2001], "paired": {"prime - multitask": {"avg": {"mean": 1.5, "ci95": None, "wins": 1, "n": 1}}}}
+    assert verdict(one, 160) == ["prime - multitask: +1.50 on one world: no interval (PARTIAL: 1 of 160 worlds)"]
+
+
+def test_study_figures_are_the_committed_ones_and_deterministic(tmp_path, capsys):
+    figures.main(["study", "--out", str(tmp_path / "a")])
+    figures.main(["study", "answer", "--out", str(tmp_path / "b")])
+    drawn = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert drawn == sorted(f"{n}.{e}" for n in figures.STUDY_FIGURES for e in ("svg", "png")) == sorted(
+        p.name for p in (STUDY / "figures").iterdir())
+    for name in drawn:
+        svg = (tmp_path / "a" / name).read_bytes()
+        if name.endswith(".png"):
+            assert svg.startswith(b"\x89PNG") and len(svg) > 10_000
+            continue
+        root = ElementTree.fromstring(svg)
+        assert root.tag == "{http://www.w3.org/2000/svg}svg" and len(root.findall(".//{*}path")) > 20
+        assert b"<dc:date>" not in svg and svg == (STUDY / "figures" / name).read_bytes(), name  # data and figure agree
+    assert (tmp_path / "b" / "answer.svg").read_bytes() == (tmp_path / "a" / "answer.svg").read_bytes()
+    assert (tmp_path / "b" / "answer.png").read_bytes() == (tmp_path / "a" / "answer.png").read_bytes()
+
+
+def drawn(fig, gid):
+    """The (x, y) data of the artist with this gid in a figure."""
+    found = [a for ax in fig.axes for a in ax.get_children() if a.get_gid() == gid]
+    assert len(found) == 1, gid
+    a = found[0]
+    return (a.get_xdata(), a.get_ydata()) if hasattr(a, "get_xdata") else tuple(zip(*a.get_offsets()))
+
+
+def test_study_figures_draw_the_numbers_of_the_results():
+    results = STUDY / "results"
+    v4, v5 = (json.loads((results / f"{s}.json").read_text()) for s in ("v4", "v5"))
+    answer = figures.draw_answer(results)
+    assert list(drawn(answer, "ci:v5:prime - multitask")[0]) == v5["paired"]["prime - multitask"]["avg"]["ci95"]
+    assert list(drawn(answer, "mean:v5:prime - multitask")[0]) == [v5["paired"]["prime - multitask"]["avg"]["mean"]]
+    for name, stem in figures.STUDIES:  # every study's every interval
+        report = json.loads((results / f"{stem}.json").read_text())
+        for comparison in figures.COMPARISONS:
+            if comparison in report["paired"]:
+                assert list(drawn(answer, f"ci:{name}:{comparison}")[0]) == report["paired"][comparison]["avg"]["ci95"]
+    assert not [a for ax in answer.axes for a in ax.get_children() if a.get_gid() == "ci:v5:prime - maml"]
+    spread = figures.draw_spread(results)
+    x = drawn(spread, "worlds:v5:prime - multitask")[0]
+    assert len(x) == 160 and sum(d > 0 for d in x) == 94 == v5["paired"]["prime - multitask"]["avg"]["wins"]
+    assert statistics.mean(x) == pytest.approx(v5["paired"]["prime - multitask"]["avg"]["mean"], abs=1e-12)
+    assert len(drawn(spread, "worlds:v4:prime - maml")[0]) == 60
+    languages = figures.draw_languages(results)
+    for lang in ("en", "de", "ja", "ru", "tr", "avg"):
+        assert list(drawn(languages, f"ci:v4:prime - none:{lang}")[0]) == v4["paired"]["prime - none"][lang]["ci95"]
+    probe = figures.draw_probe(results)
+    assert list(drawn(probe, "curve:prime:target avg")[1]) == [42.0, 44.6, 42.5, 47.0, 43.1]  # the probe's table
+    assert list(drawn(probe, "curve:base:source")[1]) == [53.3, 76.0, 83.6, 85.9, 87.5]
+    bars = [a for ax in probe.axes for a in ax.patches if a.get_gid() == "theta:multitask"]
+    assert [round(b.get_height(), 6) for b in bars] == [21.9, 28.6, 29.6, 31.1, 33.3, 27.8]
+
+
+def test_study_figures_name_a_missing_or_malformed_file(tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(STUDY / "results", results)
+    (results / "v5.json").write_text('{"seeds": [1, 2], "paired": ')
+    (results / "probe-v4-world1001-prime.md").write_text("| layer group | change |\n|---|---|\n| all | big |\n")
+    v4 = json.loads((results / "v4.json").read_text())
+    del v4["scores"]["maml"]
+    (results / "v4.json").write_text(json.dumps(v4))
+    for name, expected in (("answer", f"{results / 'v5.json'}: not valid JSON"),
+                           ("spread", f"{results / 'v5.json'}: not valid JSON"),
+                           ("probe", f"{results / 'probe-v4-world1001-prime.md'}: expected probe.py's tables")):
+        with pytest.raises(SystemExit) as e:
+            figures.main(["study", name, "--results", str(results), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+    shutil.copy(STUDY / "results" / "v5.json", results / "v5.json")
+    (results / "final.json").unlink()
+    for name, expected in (("answer", f"{results / 'final.json'}: missing"),
+                           ("spread", f"{results / 'v4.json'}: no scores/maml (expected an experiment.json)")):
+        with pytest.raises(SystemExit):
+            figures.main(["study", name, "--results", str(results), "--out", str(tmp_path / "out")])
+        assert capsys.readouterr().err == f"error: {expected}\n"
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.svg"))
+
+
+def test_figures_run_draws_prime_and_finetune_runs_overlaid_and_live(tiny_testbed, tmp_path, capsys):
+    model, world = tiny_testbed
+    common = ["--data", world, *TINY_RUN]
+    assert run_cli("--stage", "prime", "--model", model, "--out", tmp_path / "p", "--prime-steps", 3, *common) == 0
+    for name, encoder in (("primed", tmp_path / "p" / "model"), ("base", model)):
+        assert run_cli("--stage", "finetune", "--model", encoder, "--out", tmp_path / name, "--finetune-steps", 6,
+                       "--eval-every", 2, *common) == 0
+    figures.main(["run", str(tmp_path / "p")])
+    figures.main(["run", str(tmp_path / "primed"), str(tmp_path / "base"), "--out", str(tmp_path / "both")])
+    assert (tmp_path / "p" / "curves.svg").stat().st_size > 1000 and (tmp_path / "both.png").exists()
+    metrics = [json.loads(l) for l in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
+    fig = figures.draw_run([tmp_path / "primed", tmp_path / "base"])
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "gradient norm", "learning rate", "source dev F1"]
+    dev = [(m["step"], m["dev_f1"]) for m in metrics if "dev_f1" in m]
+    assert list(zip(*drawn(fig, f"dev_f1:{tmp_path / 'base'}"))) == dev and len(dev) == 3
+    best = max(dev, key=lambda p: p[1])
+    assert list(zip(*drawn(fig, f"best:{tmp_path / 'base'}"))) == [best]
+    assert [ax.get_title() for ax in figures.draw_run([tmp_path / "p"]).axes] == ["meta-loss", "gradient norm",
+                                                                                  "learning rate"]
+    live = tmp_path / "live"
+    live.mkdir()
+    text = (tmp_path / "base" / "metrics.jsonl").read_text()
+    (live / "metrics.jsonl").write_text(text[:-20])  # a line still being written
+    assert len(drawn(figures.draw_run([live]), f"loss:{live}")[0]) == len(metrics) - 1
+    (live / "metrics.jsonl").write_text(text.replace("\n", "\nnot json\n", 1))
+    capsys.readouterr()  # the runs' progress
+    for folder, expected in ((live, f"{live / 'metrics.jsonl'}:2: not a JSON object"),
+                             (tmp_path / "none", f"{tmp_path / 'none' / 'metrics.jsonl'}: missing")):
+        with pytest.raises(SystemExit) as e:
+            figures.main(["run", str(folder)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1
+
+
 def test_experiment_writes_the_table(tiny_testbed, tmp_path):
     model, world = tiny_testbed
     argv = ["--model", model, "--data", world, "--out", tmp_path / "x", "--seeds", 2,

@@ -13,7 +13,7 @@ finished cells are kept, so a killed experiment resumes (the same command with -
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # the repository on the path, not study/ (its select.py would shadow the stdlib's)
+if __name__ == "__main__":  # the repository (train.py, data.py) on the path, where python put study/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 import contextlib
 import math

@@ -8,7 +8,7 @@ probe.json and probe.md in --out; every train.py flag applies (the episodes and 
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # the repository on the path, not study/ (its select.py would shadow the stdlib's)
+if __name__ == "__main__":  # the repository (train.py, data.py) on the path, where python put study/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 import argparse
 import json

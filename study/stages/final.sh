@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Stage 2 of the pre-registered study: none and each method's selected configuration (study/select.py on the
-# grid of study/grid.sh) on worlds 1-10, never used in calibration or tuning; one experiment folder in which
-# each cell keeps its own config.json.
-#   study/final.sh none            builds worlds 1-10 and runs their `none` cells
-#   study/final.sh METHOD [FLAGS]  the method's cells, each as soon as its world's `none` cell is done
-#   study/final.sh table [FLAGS]   the table from the finished cells: runs/study/final/experiment.md (FLAGS: the
-#                                  cells' --prime-seeds / --finetune-seeds, so that they count as finished)
+# Stage 2 of a pre-registered study: none and each method's selected configuration (study/analysis/selection.py
+# on the grid of study/stages/grid.sh) on worlds 1-10, never used in calibration or tuning; one experiment folder
+# in which each cell keeps its own config.json.
+#   study/stages/final.sh none            builds worlds 1-10 and runs their `none` cells
+#   study/stages/final.sh METHOD [FLAGS]  the method's cells, each as soon as its world's `none` cell is done
+#   study/stages/final.sh table [FLAGS]   the table from the finished cells: runs/study/final/experiment.md
+#                                         (FLAGS: the cells' --prime-seeds / --finetune-seeds: they count as finished)
 # FIRST=11 (N=10) runs the same on worlds 11-20 instead: the replication; FIRST=1 N=20 table pools both. P=2: two
 # worlds at a time. TESTBED= and OUT= put the worlds and cells elsewhere (default runs/study/testbed, runs/study/final).
 # Cell by cell (--seed s --seeds 1) so that several methods can run side by side as worlds become ready; the same
 # computation as one --seeds 10 call (cells are independent; --jobs 2 is bit-identical to --jobs 1).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 FIRST=${FIRST:-1} N=${N:-10} TESTBED=${TESTBED:-runs/study/testbed} OUT=${OUT:-runs/study/final}

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Stage 1 of a pre-registered study (README, "Does priming work?"): the tuning grid on the development world
 # (testbed seed 0), four configurations per priming method, 60 meta-steps each, 2 cells at a time on 2 cores.
-# Then `python study/select.py runs/study/grid` (or runs/study/grid2) picks each method's configuration.
-#   study/grid.sh       the first study's grid, in runs/study/grid
-#   study/grid.sh v2    the follow-up's grid (larger outer lr, a 20-step inner loop), in runs/study/grid2
+# Then `python -m study.analysis.selection runs/study/grid` (or runs/study/grid2) picks each method's configuration.
+#   study/stages/grid.sh       the first study's grid, in runs/study/grid
+#   study/stages/grid.sh v2    the follow-up's grid (larger outer lr, a 20-step inner loop), in runs/study/grid2
 # TESTBED= and OUT= put world 0 and the grid (its `none` cell in OUT/none) elsewhere: study v3's new testbed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1  # one thread per process: two processes with two threads each stall on 2 cores
 COMMON="--per-world --seed 0 --seeds 1 --testbed ${TESTBED:-runs/study/testbed} --prime-steps 60"

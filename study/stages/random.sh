@@ -2,7 +2,7 @@
 # Calibration check: the `none` procedure on an untrained encoder of the same shape, on worlds given as arguments
 # (already built by grid.sh / final.sh, or in TESTBED=...). Tables in runs/study/random-<seed>/experiment.md (OUT=...).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 TESTBED=${TESTBED:-runs/study/testbed} OUT=${OUT:-runs/study/random}
