@@ -132,9 +132,10 @@ def make_inputs(out, layers, scale, small_scale):
 
 
 def run_stage(name, argv):
-    """train.py with argv in a child process: its wall time, peak resident memory (its own, not its --procs
-    children's) and its stderr lines, each with the seconds since the start."""
-    t0, lines = time.time(), []
+    """train.py with argv in a child process: its wall and CPU time, peak resident memory (its own, not its
+    --procs children's), the load average before and after, and its stderr lines, each with the seconds since
+    the start."""
+    t0, lines, load = time.time(), [], os.getloadavg()[0]
     child = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, argv)], stderr=subprocess.PIPE,
                              text=True, cwd=ROOT)
     for line in child.stderr:
@@ -143,7 +144,9 @@ def run_stage(name, argv):
     _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"rehearsal: stage {name} failed: {lines[-1][1] if lines else status}")
-    return {"wall_s": round(time.time() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}, lines
+    return {"wall_s": round(time.time() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+            "load_average": [round(load, 1), round(os.getloadavg()[0], 1)]}, lines
 
 
 def at(lines, pattern, last=False):
@@ -198,7 +201,7 @@ def main():
     results = json.loads((evaluated / "results.json").read_text())
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     report = {"machine": {"cpu": re.search(r"Model name:\s*(.*)", lscpu)[1], "cpus": os.cpu_count(),
-                          "python": platform.python_version(), "load_average_at_start": os.getloadavg()},
+                          "python": platform.python_version()},
               "layers": args.layers, "vocab": VOCAB_SIZE, "width": WIDTH, "prime_sizes": scaled(args.scale),
               "small_sizes": scaled(args.small_scale), "steps": args.steps, "built_s": built, "stages": report,
               "eval_test_sets": sorted(results["f1"]), "eval_dev_sets": sorted(results["dev_f1"])}
