@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -354,19 +355,26 @@ LAYOUTS = {"token": ("XLMRobertaForTokenClassification", "classifier"), "mlm": (
 PEFT_FILE, LM_HEAD_FILE = "peft.safetensors", "lm_head.safetensors"
 
 
+WRITING = threading.Lock()  # held by atomic_write: a thread that ends the process (train.py's watch) waits for it
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over path: a killed run never leaves a half-written file. A failed write
-    (disk full) is a CheckpointError naming path, and leaves no temp file."""
+    (disk full, no permission) is a CheckpointError naming path; path keeps what it held and no temp file is left,
+    also when the write is interrupted (Ctrl-C)."""
     tmp = f"{path}.tmp"
-    try:
-        write(tmp)
-        mask = os.umask(0)  # safetensors creates its files owner-only: give them the mode any new file gets
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: not written ({getattr(e, 'strerror', None) or e})") from None
+    with WRITING:
+        try:
+            write(tmp)
+            mask = os.umask(0)  # safetensors creates its files owner-only: give them the mode any new file gets
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
+            os.replace(tmp, path)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, (OSError, SafetensorError)):
+                raise CheckpointError(f"{path}: not written ({getattr(e, 'strerror', None) or e})") from None
+            raise
 
 
 def hf_key(name):

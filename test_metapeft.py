@@ -1,4 +1,5 @@
 """Tests for metapeft. transformers, peft and seqeval appear here only, as reference implementations."""
+import errno
 import functools
 import hashlib
 import importlib
@@ -9,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import metapeft as mp
+import model as model_module
 from data import DataError, Example, Sentence
 from model import CheckpointError, Config, Model, PeftConfig, atomic_write, fresh_phi, is_head, is_peft, \
     load_lora_adapter, load_peft, load_pretrained, save_lora_adapter, saved_peft_config, theta_phi
@@ -1637,6 +1640,24 @@ def test_train_inner_optimizer_flags():
         assert (cfg.inner_opt, cfg.inner_lr, cfg.inner_weight_decay) == (opt, lr, decay)
 
 
+def test_readme_python_block_runs_a_priming_loop(tiny_testbed, tmp_path, monkeypatch):
+    """The README's Python API block, run as written on the shipped testbed encoder and a tiny world's data (its two
+    paths the only change): the loop primes theta and saves a model that loads again."""
+    readme = (Path(train.__file__).parent / "README.md").read_text()
+    block = re.search(r"^## Python API\n.*?```python\n(.*?)```", readme, re.S | re.M)[1]
+    paths = '"xlm-roberta-base/", "panx/"'
+    assert block.count(paths) == 1
+    monkeypatch.chdir(tmp_path)  # it saves to primed/
+    torch.manual_seed(0)
+    scope = {}
+    exec(block.replace(paths, f"{str(train.WORLD0)!r}, {str(tiny_testbed[1])!r}"), scope)
+    before = load_pretrained(train.WORLD0)
+    primed = load_pretrained(tmp_path / "primed", peft=PeftConfig("lora", lora_r=8))
+    assert primed.labels == scope["labels"] and primed.labels[0] == "O"
+    moved = [n for n, p in before.encoder.named_parameters() if not torch.equal(p, primed.encoder.get_parameter(n))]
+    assert len(moved) == len(list(before.encoder.parameters())), "the outer loop left some of theta as it was"
+
+
 def test_train_defaults_are_primeconfig_and_peftconfig_and_the_readme_recipe():
     """One source of truth: the CLI's defaults are the dataclasses' (real data), the testbed preset changes only the
     flags it names, and the README's recipe table shows exactly these values."""
@@ -1812,6 +1833,162 @@ def test_train_resumes_a_checkpoint_written_before_the_reorder(tmp_path, monkeyp
     a, b = weights(Path("run", "model")), weights(Path("whole", "model"))
     # bit-identical on the machine that made the fixture; another CPU's kernels may round differently
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max() for k in a) < 1e-6
+
+
+# ----------------------------------------------------------------------------- faults: collisions, dead processes
+# Real processes on the tiny testbed: `--procs 2` (a launcher and one started process), 6 steps, a checkpoint every 2.
+# A fault is planted by a sitecustomize module on the processes' PYTHONPATH (so it reaches the processes train.py
+# starts itself): METAPEFT_TEST_FAULT="RANK STEP SIGNAL PAUSE" sends SIGNAL to process RANK in its STEP-th step
+# (-1: none), and every step first sleeps PAUSE seconds.
+
+FAULT = """import os
+if "METAPEFT_TEST_FAULT" in os.environ:
+    import signal, time, metapeft
+    rank, at, signum, pause = os.environ["METAPEFT_TEST_FAULT"].split()
+    real_step, calls = metapeft.step, []
+    def step(*a, **k):
+        calls.append(1)
+        time.sleep(float(pause))
+        if len(calls) == int(at) and os.environ.get("RANK") == rank:
+            os.kill(os.getpid(), int(signum))
+        return real_step(*a, **k)
+    metapeft.step = step
+"""
+
+
+@pytest.fixture(scope="module")
+def procs_2(tiny_testbed, tmp_path_factory):
+    """launch(out, *flags, fault=...): a started `train.py --procs 2` run (Popen, stderr piped), and the folder of the
+    same run uninterrupted."""
+    model, world = tiny_testbed
+    site = tmp_path_factory.mktemp("fault")
+    (site / "sitecustomize.py").write_text(FAULT)
+    here = os.path.dirname(os.path.abspath(__file__))
+    argv = ["train.py", "--model", model, "--data", world, *TINY_RUN[:-2], "--procs", 2, "--prime-steps", 6]
+
+    def launch(out, *flags, fault="-1 0 0 0"):
+        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{site}{os.pathsep}{here}",
+                            "METAPEFT_TEST_FAULT": fault}
+        return subprocess.Popen([sys.executable, *map(str, argv), "--out", str(out), *map(str, flags)], cwd=here,
+                                env=env, stderr=subprocess.PIPE, text=True)
+
+    whole = site / "whole"
+    assert launch(whole).wait(300) == 0
+    return launch, whole
+
+
+def ended(*procs):
+    """[(exit code, stderr)] of launched runs, once no process of theirs is left (none has their --out in argv)."""
+    ends = [(proc.communicate(timeout=300)[1], proc.returncode)[::-1] for proc in procs]
+    outs = {proc.args[proc.args.index("--out") + 1] for proc in procs}
+    for _ in range(50):  # a process killed with its launcher goes a moment later
+        left = [p for p in Path("/proc").glob("[0-9]*") if outs & set(p.joinpath("cmdline").read_bytes().decode(
+            errors="replace").split("\0")) and p.joinpath("stat").read_text().split()[2] != "Z"] \
+            if sys.platform.startswith("linux") else []
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes left running on {outs}: {left}"
+    return ends
+
+
+def same_run(a, b):
+    """The model of run folder b is byte for byte a's, and b's metrics.jsonl holds one line per step."""
+    assert all((a / "model" / f).read_bytes() == (b / "model" / f).read_bytes()
+               for f in ("model.safetensors", "config.json", "tokenizer.json"))
+    assert [json.loads(l)["step"] for l in (b / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fault_a_killed_process_stops_the_run_in_one_line_and_it_resumes_to_the_same_bytes(procs_2, tmp_path):
+    launch, whole = procs_2
+    out = tmp_path / "run"
+    [(code, err)] = ended(launch(out, fault=f"1 3 {signal.SIGKILL} 0"))  # the started process, in step 3
+    assert code == 2 and "Traceback" not in err and "gloo" not in err, err
+    assert err.splitlines()[-1] == (f"error: process 1 of 2 stopped (killed by signal 9) at step 3; the last "
+                                    f"checkpoint is step 2: resume with the same command and --resume --out {out}")
+    assert checkpoint(out / "checkpoint-prime-prime.safetensors")[0]["step"] == 2
+    [(code, err)] = ended(launch(out, "--resume", fault=f"0 3 {signal.SIGKILL} 0"))  # the launcher, in step 5
+    assert code == -signal.SIGKILL and "resumed from" in err and "Traceback" not in err, err
+    assert checkpoint(out / "checkpoint-prime-prime.safetensors")[0]["step"] == 4 and not (out / "model").exists()
+    [(code, err)] = ended(launch(out, "--resume"))
+    assert code == 0, err
+    same_run(whole, out)
+
+
+def test_fault_of_two_launches_into_one_folder_one_runs_and_one_is_refused(procs_2, tmp_path):
+    launch, whole = procs_2
+    out = tmp_path / "run"
+    runs = [launch(out, fault="-1 0 0 0.5") for _ in range(2)]  # slow steps: the second comes while the first runs
+    (code_a, err_a), (code_b, err_b) = ended(*runs)
+    assert sorted([code_a, code_b]) == [0, 2], (err_a, err_b)
+    refused = (err_a if code_a else err_b).splitlines()
+    assert len(refused) == 1 and re.fullmatch(
+        rf"error: --out {re.escape(str(out))}: (in use by another run \(process \d+ on .+\): wait for it to end, or "
+        rf"give another folder|not empty .*)", refused[0]), refused
+    same_run(whole, out)
+
+
+def test_fault_a_folder_in_use_is_refused_and_left_alone(tiny_testbed, tmp_path, capsys):
+    model, world = tiny_testbed
+    argv = ["--model", model, "--data", world, *TINY_RUN, "--prime-steps", 2, "--out", tmp_path / "run"]
+    assert run_cli(*argv) == 0
+    files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    held = train.hold_lock(tmp_path / "run", wait=False)  # as another process running there would (its own lock file)
+    try:
+        for more, main in (([], train.main), (["--resume"], train.main), (["--seeds", 1, *JOBS_1], experiment.main)):
+            fails_cleanly(capsys, [*argv, *more], f"--out {tmp_path / 'run'}: in use by another run (process "
+                          f"{os.getpid()} on {socket.gethostname()}): wait for it to end, or give another folder", main)
+        assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files  # nothing touched
+    finally:
+        os.close(held)
+    assert run_cli(*argv, "--resume") == 0  # released: the kernel drops a lock with its file (or process)
+
+
+def last_line(capsys, *argv):
+    """The last line main(argv) printed, which exited with code 2 and no traceback."""
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+def test_fault_a_failed_write_names_the_file_and_keeps_the_last_checkpoint(tiny_testbed, tmp_path, monkeypatch,
+                                                                            capsys):
+    model, world = tiny_testbed
+    argv = ["--model", model, "--data", world, *TINY_RUN, "--prime-steps", 6]
+    assert run_cli(*argv, "--out", tmp_path / "whole") == 0
+    out, real_save, calls = tmp_path / "full", train.save_file, []
+
+    def disk_full_at_the_second(tensors, path, **kw):  # the checkpoint of step 4: half written, then ENOSPC
+        calls.append(1)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(tensors, path, **kw)
+
+    monkeypatch.setattr(train, "save_file", disk_full_at_the_second)
+    ckpt = out / "checkpoint-prime-prime.safetensors"
+    assert last_line(capsys, *argv, "--out", out) == (f"error: {ckpt}: not written (No space left on device); the last "
+                                                      f"checkpoint is step 2: resume with the same command and --resume "
+                                                      f"--out {out}")
+    assert checkpoint(ckpt)[0]["step"] == 2 and not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+    real_write = train.atomic_write
+
+    def read_only_model(path, write):  # the model folder refuses its weights
+        if Path(path).name == "model.safetensors":
+            raise CheckpointError(f"{path}: not written (Permission denied)")
+        return real_write(path, write)
+
+    monkeypatch.setattr(model_module, "atomic_write", read_only_model)
+    assert last_line(capsys, *argv, "--out", out, "--resume") == \
+        f"error: {out / 'model' / 'model.safetensors'}: not written (Permission denied)"
+    monkeypatch.undo()
+    assert checkpoint(ckpt)[0]["step"] == 6 and run_cli(*argv, "--out", out, "--resume") == 0
+    a, b = weights(tmp_path / "whole" / "model"), weights(out / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
 def test_train_continued_mlm_is_seeded(tiny_testbed, tmp_path):

@@ -14,6 +14,9 @@ run these stages. See README.md.
 """
 import argparse
 import contextlib
+import ctypes
+import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -25,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -36,7 +40,7 @@ from safetensors.torch import save_file
 
 import data
 import metapeft
-from model import (PEFT_FILE, CheckpointError, Config, Model, PeftConfig, all_finite, atomic_write,
+from model import (PEFT_FILE, WRITING, CheckpointError, Config, Model, PeftConfig, all_finite, atomic_write,
                    copy_lm_head, fresh_phi, load_lora_adapter, load_peft, load_pretrained, open_safetensors,
                    read_json, save_lora_adapter, saved_peft_config, theta_phi)
 
@@ -311,8 +315,9 @@ def record_priming(model_out, source, prime_langs, mode):
 
 def copy_priming(model_dir, out):
     """model_dir's priming record, if it has one, into the model folder `out` (saved from it)."""
-    if (Path(model_dir) / PRIMING_FILE).exists():
-        shutil.copyfile(Path(model_dir) / PRIMING_FILE, Path(out) / PRIMING_FILE)
+    record = Path(model_dir) / PRIMING_FILE
+    if record.exists():
+        atomic_write(Path(out) / PRIMING_FILE, lambda f: shutil.copyfile(record, f))
 
 
 def primed_on(model_dir):
@@ -422,7 +427,8 @@ def save_model(model, out, model_dir):
     if bad:
         raise UsageError(f"{out}: not saved: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
     model.save_pretrained(out)
-    shutil.copyfile(Path(model_dir) / "tokenizer.json", Path(out) / "tokenizer.json")
+    tokenizer = Path(model_dir) / "tokenizer.json"
+    atomic_write(Path(out) / "tokenizer.json", lambda f: shutil.copyfile(tokenizer, f))
     copy_priming(model_dir, out)
     if model.lm_head is None:
         copy_lm_head(model_dir, out)
@@ -473,6 +479,11 @@ def testbed(args, seed, need_model=True):
     """(model_dir, data_dir) of testbed world `seed`, made on first use and cached in <--testbed>-<seed>; the
     encoder is world 0's shipped one, or MLM-pretrained on the world's text."""
     root = Path(f"{args.testbed}-{seed}")
+    with making(root):
+        return make_testbed(args, seed, need_model, root)
+
+
+def make_testbed(args, seed, need_model, root):
     model_dir, data_dir = root / "pretrain" / "model", root / "data"
     if not (data_dir / "tokenizer.json").exists():
         log(f"testbed: generating the synthetic multilingual world in {data_dir} (seed {seed})")
@@ -594,12 +605,22 @@ def start_run(args, stage, make=None, keep=False):
     the maker of the parser whose defaults the flags are, train.py's by default). keep: a folder that holds
     outputs is used as it is (a script that keeps its finished work there), not refused."""
     out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-    found = [out, sorted(p.name for p in out.iterdir()) if out.is_dir() else []]
+    found = [out, None, []]  # the folder, why it is refused, what it holds
+    if rank_world()[0] == 0:
+        try:  # the lock before the look: a launch racing this one finds it taken
+            if out.is_dir() or not args.resume:  # (--resume of a folder that is not there makes none)
+                lock_run_folder(out)
+            found[2] = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        except UsageError as e:
+            found[1] = str(e)
     # one folder for all processes, named by rank 0's clock, seen before rank 0 writes
     if dist.is_initialized():
         dist.broadcast_object_list(found)
-    out, names = found
-    held = [n for n in names if n != "config.json"]  # a run that stopped at a bad flag left its config alone
+    out, refused, names = found
+    if refused:
+        raise UsageError(refused)
+    # a run that stopped at a bad flag left its config (and the lock file) alone
+    held = [n for n in names if n not in ("config.json", LOCK)]
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "out")} | {"stage": stage}
     if args.resume:
         if "config.json" not in names:
@@ -618,7 +639,95 @@ def start_run(args, stage, make=None, keep=False):
     out.mkdir(parents=True, exist_ok=True)
     if rank_world()[0] == 0:
         write_json(out / "config.json", config)
+    PROGRESS.update(out=out, step=0, saved=0)
     return out
+
+
+LOCK = ".lock"  # a run folder's (and a testbed world's) lock file: its flock is held by the process using it
+_run_lock = None  # the file descriptor holding this process's run folder (rank 0 holds one at a time)
+
+
+def lock_run_folder(out):
+    """Hold the run folder `out` for this process until release_run_folder() or its end (kill -9 included:
+    the kernel drops a flock with its process, so no lock is ever stale). A folder another process holds (a
+    run going on or starting there) is refused in one line naming it and that process; nothing in it is
+    touched."""
+    global _run_lock
+    release_run_folder()
+    fd = hold_lock(out, wait=False)
+    if fd is None:
+        raise UsageError(f"--out {out}: in use by another run ({lock_holder(out)}): wait for it to end, or "
+                         f"give another folder")
+    _run_lock = fd
+
+
+def release_run_folder():
+    """Let go of the run folder this process holds, if any."""
+    global _run_lock
+    if _run_lock is not None:
+        os.close(_run_lock)
+        _run_lock = None
+
+
+def hold_lock(folder, wait):
+    """An open file descriptor of folder/.lock holding its exclusive flock, its text then naming this
+    process; None where another process holds it (wait=False). A file system without locks: a warning, and
+    no lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # no O_TRUNC: its text is the holder's
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        log(f"warning: {folder / LOCK}: no lock on this file system ({e.strerror}): nothing stops two runs "
+            f"in {folder}")
+    with contextlib.suppress(OSError):  # what a refused process shows; a full disk is no reason to stop here
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def lock_holder(folder):
+    """Who holds folder/.lock, as its text says ("process PID on HOST")."""
+    with contextlib.suppress(OSError):
+        return (folder / LOCK).read_text().strip() or "a process starting"
+    return "a process"
+
+
+@contextlib.contextmanager
+def making(folder):
+    """Hold folder/.lock while making what it caches: another process making the same waits, then finds it
+    made."""
+    try:
+        fd = hold_lock(folder, wait=False)
+        if fd is None:
+            log(f"{folder}: waiting for {lock_holder(folder)}, which is making it")
+            fd = hold_lock(folder, wait=True)
+    except OSError:  # no lock on a read-only cache: made already (or what it misses fails, naming the file)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+# Where this process's run is, for the one-line stop when another process of it dies: its folder, the step
+# under way (0: none yet) and the last checkpoint's step.
+PROGRESS = {"out": None, "step": 0, "saved": 0}
+
+
+def resume_hint():
+    """How to go on after a stop, from PROGRESS."""
+    out, saved = PROGRESS["out"], PROGRESS["saved"]
+    if out is None:
+        return "run the same command again"
+    return (f"the last checkpoint is step {saved}" if saved else "no checkpoint yet") + \
+        f": resume with the same command and --resume --out {out}"
 
 
 def train_steps(out, name, total, state, extra, args, resume):
@@ -632,6 +741,7 @@ def train_steps(out, name, total, state, extra, args, resume):
     start, stop, skipped = load_checkpoint(ckpt, state, extra) if resume and ckpt.exists() else (0, False, 0)
     if start:
         log(f"{name}: resumed from {ckpt} at step {start}")
+    PROGRESS["saved"] = start
     main_rank = rank_world()[0] == 0
     if metrics_file.exists() and main_rank:
         drop_metrics_after(metrics_file, name, start)
@@ -646,6 +756,7 @@ def train_steps(out, name, total, state, extra, args, resume):
     try:  # restored also when the stage's step raises: this generator is then closed
         for step in range(start, start if stop else total):
             metrics = {}
+            PROGRESS["step"] = step + 1
             yield step, metrics
             stop, signum = agreed_stop(metrics.pop("stop", False), signals)
             # the same on every rank: the metrics are global sums
@@ -658,15 +769,18 @@ def train_steps(out, name, total, state, extra, args, resume):
                                      f"{kept} (--skip-nonfinite N skips up to N such steps)")
                 metrics |= dict.fromkeys(bad) | {"nonfinite_skipped": skipped}  # counted in metrics.jsonl
             if main_rank:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
+                append_line(metrics_file, json.dumps({"stage": name, "step": step + 1, **metrics}))
                 tokens += metrics.get("tokens", 0)
                 seconds = max(time.time() - t0, 1e-9)
                 line = progress_line(name, step + 1, total, metrics, steps_per_s=(step + 1 - start) / seconds,
                                      tokens_per_s=tokens / seconds)
                 show_progress(line, step + 1, total, last=bool(stop) or step + 1 == total)
                 if (step + 1) % args.ckpt_every == 0 or step + 1 == total or stop or signum:  # a stopped run
-                    save_checkpoint(ckpt, state, extra, step + 1, bool(stop), skipped)  # stays stopped
+                    try:
+                        save_checkpoint(ckpt, state, extra, step + 1, bool(stop), skipped)  # stays stopped
+                    except CheckpointError as e:  # disk full, no permission: the last one is kept as it was
+                        raise CheckpointError(f"{e}; {resume_hint()}") from None
+                    PROGRESS["saved"] = step + 1
             if signum:
                 if dist.is_initialized():  # no process exits (and torchrun stops the others) mid-checkpoint
                     dist.barrier()
@@ -677,6 +791,15 @@ def train_steps(out, name, total, state, extra, args, resume):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def append_line(path, line):
+    """Append a line to a text file; a failed write (disk full) names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def drop_metrics_after(metrics_file, name, start):
@@ -811,10 +934,15 @@ def rank_world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+LAUNCHER = "METAPEFT_LAUNCHER"  # in the environment of a process that start_ranks started: its launcher's pid
+
+
 def start_ranks(args, argv):
     """--procs N > 1: this process becomes rank 0 of N gloo processes (as under torchrun) and starts ranks
-    1..N-1 with the same command line, each with its share of the cores. Returns their Popen handles."""
+    1..N-1 with the same command line, each with its share of the cores, watched (watch_ranks). Returns their
+    Popen handles. In a process it started: tie it to its launcher (die_with_parent)."""
     if args.procs < 2:  # parse_args refuses --procs > 1 under torchrun
+        die_with_parent(os.environ.pop(LAUNCHER, None))
         return []
     with socket.socket() as s:  # a free port for the process group's rendezvous
         s.bind(("127.0.0.1", 0))
@@ -822,12 +950,97 @@ def start_ranks(args, argv):
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.procs)
     env = {"WORLD_SIZE": str(args.procs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "OMP_NUM_THREADS": str(threads)}
+    # a session of their own: Ctrl-C reaches this process alone, and the stop it makes reaches them at a
+    # step's end
     ranks = [subprocess.Popen([sys.executable, __file__, *map(str, argv), "--procs", "1"],
-                              env=os.environ | env | {"RANK": str(r), "LOCAL_RANK": str(r)})
+                              start_new_session=True, env=os.environ | env | {
+                                  "RANK": str(r), "LOCAL_RANK": str(r), LAUNCHER: str(os.getpid())})
              for r in range(1, args.procs)]
     os.environ.update(env | {"RANK": "0", "LOCAL_RANK": "0"})
     torch.set_num_threads(threads)
+    watch_ranks(ranks)
     return ranks
+
+
+def die_with_parent(parent):
+    """Have the kernel kill this process when its parent (pid `parent`, as text; None: do nothing) ends, even
+    by kill -9 (Linux; elsewhere it ends at its next collective)."""
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it ended before that
+        os._exit(2)
+
+
+# How a started process ends along with this one: done (0), the same error (2) or signal stop (128 + SIGINT
+# or SIGTERM) as all processes; any other end (killed, crashed) stops the run.
+TOGETHER = (0, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM)
+_ranks_ending = threading.Event()  # set when this process ends its started ones itself
+_stopping = threading.Lock()  # taken by the first to report a dead process (never released: the process ends)
+
+
+def watch_ranks(ranks):
+    """A thread per started process: one that ends otherwise than TOGETHER stops the run
+    (stop_for_dead_rank)."""
+    _ranks_ending.clear()
+
+    def watch(rank, process):
+        if process.wait() not in TOGETHER and not _ranks_ending.is_set():
+            stop_for_dead_rank(ranks, rank)
+    for rank, process in enumerate(ranks, 1):
+        threading.Thread(target=watch, args=(rank, process), daemon=True).start()
+
+
+def stop_for_dead_rank(ranks, rank):
+    """Started process `rank` died: kill the others (they write nothing), say so in one line with how to
+    resume, and exit 2, from whichever thread. A file being written is finished first, so the last checkpoint
+    is whole."""
+    _stopping.acquire()
+    for process in ranks:
+        process.kill()
+        process.wait()
+    code = ranks[rank - 1].returncode
+    cause = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    with WRITING:
+        log("error: " + stopped_line(f"process {rank} of {len(ranks) + 1}", cause))
+        os._exit(2)
+
+
+def stopped_line(who, cause):
+    """The one-line stop: who stopped, why, at which step, and how to go on."""
+    step = PROGRESS["step"]
+    when = f"at step {step}" if step else "before the first step"
+    return f"{who} stopped ({cause}) {when}; {resume_hint()}"
+
+
+def stop_for_lost_process(error, ranks):
+    """If `error` is a collective failing because another process of the run died: the one-line stop, exit 2
+    (from rank 0; the others exit silently). Returns if it is not (a bug: it keeps its traceback)."""
+    rank, world = rank_world()
+    lost = isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and re.search(r"gloo|NCCL",
+                                                                                              str(error))
+    if world < 2 or not lost:
+        return
+    for _ in range(100):  # the process that died shows as ended a moment after the collective fails
+        dead = [r for r, process in enumerate(ranks, 1) if process.poll() not in (None, 0)]
+        if dead:
+            stop_for_dead_rank(ranks, dead[0])
+        if not ranks:
+            break
+        time.sleep(0.1)
+    if rank == 0:
+        log("error: " + stopped_line(f"another of the {world} processes", "its connection was lost"))
+    sys.exit(2)
+
+
+def end_ranks(ranks, failed):
+    """This process ends: so do the ones it started, at once after a failure (they write nothing); none is
+    left."""
+    _ranks_ending.set()
+    for process in ranks:
+        if failed:
+            process.kill()
+        process.wait()
 
 
 def join_process_group(args):
@@ -1131,13 +1344,14 @@ def command_line():
         how = f"with --resume --out {run.out}" if run.out else "again"
         log(f"{message}; to go on, run the same command {how}")
         sys.exit(128 + signum)
+    except Exception as e:  # a bug keeps its traceback; a collective failing as another process died: a line
+        stop_for_lost_process(e, run.ranks)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        for r in run.ranks:  # the ranks this one started: they end with it
-            if sys.exc_info()[0]:
-                r.terminate()
-            r.wait()
+        end_ranks(run.ranks, sys.exc_info()[0])  # the ranks this one started end with it
+        release_run_folder()
 
 
 def main(argv=None):

@@ -22,6 +22,7 @@ import os
 import signal
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 import train
@@ -158,8 +159,8 @@ def run_jobs(jobs, threads, calls):
         torch.set_num_threads(threads)
         yield from ((call, call[1](*call[2:])) for call in calls)
         return
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                               initargs=(threads,))
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=cell_process,
+                               initargs=(threads, str(os.getpid())))
 
     def stop(signum, frame):  # Ctrl-C or SIGTERM to this process (or to all): the cells are ended below
         raise train.Interrupted(f"experiment: stopped by {signal.Signals(signum).name}, its finished cells kept",
@@ -174,10 +175,20 @@ def run_jobs(jobs, threads, calls):
         for p in multiprocessing.active_children():
             p.kill()
         raise
+    except BrokenProcessPool:  # a cell's process was killed (out of memory?) or crashed: the pool stops the others
+        raise UsageError(f"experiment: a cell's process stopped, its cell unfinished; the finished cells are kept: "
+                         f"resume with the same command and --resume --out {train.PROGRESS['out']}") from None
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
         pool.shutdown(cancel_futures=True)
+
+
+def cell_process(threads, parent):
+    """A process of run_jobs' pool: `threads` threads, and it ends with the experiment's process (`parent`), even
+    one killed by kill -9, so no cell runs on in a folder whose lock is gone."""
+    train.die_with_parent(parent)
+    torch.set_num_threads(threads)
 
 
 def logged(path, fn, *fn_args):
