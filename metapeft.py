@@ -255,13 +255,17 @@ def step(loss, params, opt, sched, clip):
 # ----------------------------------------------------------------------------- evaluation and MLM
 
 @torch.no_grad()
-def evaluate(model, examples, sentences, labels, pad_id, batch_size=32):
+def evaluate(model, examples, sentences, labels, pad_id, batch_size=32, progress=None):
     """Entity-level precision/recall/F1 (data.entity_f1's dict) of the model's argmax tags on `examples`
-    (data.encode of `sentences`) against the sentences' gold tags; labels[i] names label id i."""
+    (data.encode of `sentences`) against the sentences' gold tags; labels[i] names label id i. progress(n), if
+    given, is called after each batch with the number of examples done."""
     training, device = model.training, next(model.parameters()).device
     model.eval()
-    preds = [p for b in data.batches(examples, batch_size, pad_id)
-             for p in model(b["input_ids"].to(device), b["attention_mask"].to(device)).argmax(-1).tolist()]
+    preds = []
+    for b in data.batches(examples, batch_size, pad_id):
+        preds += model(b["input_ids"].to(device), b["attention_mask"].to(device)).argmax(-1).tolist()
+        if progress:
+            progress(len(preds))
     model.train(training)
     pred_tags = data.word_predictions(examples, preds, [len(s.words) for s in sentences], labels)
     return data.entity_f1([s.tags for s in sentences], pred_tags)

@@ -1200,15 +1200,20 @@ def test_prime_short_run_lowers_query_loss_and_saves(tmp_path):
         assert torch.allclose(ours(*x)[real], hf(*x).logits[real], atol=1e-5)
 
 
+def bench_script(name):
+    """bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_meta_steps_agree_with_the_reference(tmp_path, capsys):
     """bench/run.py's variants at a tiny size: ours and the transformers + peft reference take the meta-step with the
     same gradient norm (first and second order, and the recipe's 20 inner AdamW steps), and the encoders agree."""
     import argparse
-    import importlib.util
-    path = os.path.join(os.path.dirname(__file__), "bench", "run.py")
-    spec = importlib.util.spec_from_file_location("bench_run", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("run")
     args = dict(layers=1, vocab=100, batch=2, seq=8, steps=1, threads=1, device="cpu", dtype="fp32", no_padding=False,
                 ckpt=str(tmp_path))
     bench.write_checkpoints(argparse.Namespace(**args), tmp_path)
@@ -1434,6 +1439,74 @@ def test_train_export_and_import(tiny_testbed, tmp_path, monkeypatch, capsys):
         fails_cleanly(capsys, [*argv, "--out", tmp_path / "bad"], message)
 
 
+# ----------------------------------------------------------------------------- rehearsal at xlm-roberta-base's shape
+
+@pytest.fixture(scope="module")
+def xlmr_panx(tmp_path_factory):
+    """bench/rehearsal.py's inputs, small: transformers' XLMRobertaForMaskedLM with xlm-roberta-base's vocabulary and
+    width (250,002 x 768) and 1 layer in the hub layout, its 250,002-piece XLM-R-layout tokenizer.json, and PAN-X's
+    40 languages in XTREME's layout (40 train, 20 dev, 20 test sentences each)."""
+    rehearsal, root = bench_script("rehearsal"), tmp_path_factory.mktemp("xlmr")
+    rehearsal.write_checkpoint(root / "model", layers=1)
+    rehearsal.write_tokenizer(root / "model")
+    rehearsal.write_panx(root / "panx", {"train": 40, "dev": 20, "test": 20})
+    yield root / "model", root / "panx", rehearsal.PANX_LANGS
+    shutil.rmtree(root)  # 0.8 GB: pytest keeps the folders of its last runs
+
+
+def shown(err, stage):
+    """(split, language) of the progress lines `stage` printed for each evaluated set's last batch."""
+    return {m[:2] for m in re.findall(rf"^{stage} (\w+)-(\w+) (\d+)/\3 \| \d+ sent/s ETA 0m00s$", err, re.M)}
+
+
+def test_rehearsal_of_the_readme_real_data_commands_at_xlmr_base_shape(xlmr_panx, tmp_path, monkeypatch, capsys):
+    """The README's real-data commands, prime -> finetune -> eval -> export with few steps, at xlm-roberta-base's
+    vocabulary and width on a 40-language PAN-X folder: what the 3,000-piece, 7-language testbed cannot show
+    (vocabulary-sized buffers, per-language loops, default language sets). eval scores exactly the asked test sets
+    and the dev sets of the languages the model was primed on, with a progress line for each."""
+    model, panx, langs = xlmr_panx
+    tok = data.load_tokenizer(model)
+    assert tok.get_vocab_size() == 250_002
+    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3, 250_001]  # <s> <pad> </s> <unk> <mask>
+    assert all(data.languages(panx, split) == langs for split in ("train", "dev", "test")) and len(langs) == 40
+    monkeypatch.setattr(train, "PROGRESS_DELAY", 0.0)  # every loop shows its progress, however quick
+    common = ["--data", panx, "--procs", 1]  # one process: the second would hold a second copy of the weights
+    fails_cleanly(capsys, ["--stage", "prime", "--model", model, *common, "--out", tmp_path / "p0"],  # no default:
+                  "choose among " + ",".join(l for l in langs if l != "en"))  # priming on all leaves no target
+    prime, tuned, evaluated, exported = (tmp_path / s for s in ("prime", "finetune", "eval", "export"))
+    assert run_cli("--stage", "prime", "--model", model, *common, "--source", "en", "--prime-langs", "de,es,nl,ru,zh",
+                   "--eval-langs", "ar,he,hi,ja,ko,my,ta,th,tr", "--prime-steps", 1, "--inner-steps", 2,
+                   "--support-batches", 2, "--tasks", 2, "--prime-warmup", 0, "--out", prime) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^load train 6/6 \| \d+ sent/s ETA 0m00s$", err, re.M), err
+    step = json.loads((prime / "metrics.jsonl").read_text())
+    assert step["step"] == 1 and math.isfinite(step["meta_loss"]) and step["grad_norm"] > 0
+    assert json.loads((prime / "model" / "priming.json").read_text()) == {
+        "source": "en", "prime_langs": ["de", "es", "nl", "ru", "zh"], "mode": "prime"}
+    assert run_cli("--stage", "finetune", "--model", prime / "model", *common, "--finetune-steps", 2,
+                   "--out", tuned) == 0
+    err = capsys.readouterr().err
+    assert shown(err, "finetune") == {("dev", "en")}, err
+    assert (tuned / "model" / "priming.json").read_bytes() == (prime / "model" / "priming.json").read_bytes()
+    assert run_cli("--stage", "eval", "--model", tuned / "model", *common, "--eval-langs", "ar,ja,sw",
+                   "--out", evaluated) == 0
+    err, results = capsys.readouterr().err, json.loads((evaluated / "results.json").read_text())
+    assert set(results["f1"]) == {"en", "ar", "ja", "sw"}  # the asked test sets, and the primed-on dev sets
+    assert set(results["dev_f1"]) == {"en", "de", "es", "nl", "ru", "zh"}
+    assert shown(err, "eval") == {("test", l) for l in results["f1"]} | {("dev", l) for l in results["dev_f1"]}, err
+    assert run_cli("--stage", "export", "--model", prime / "model", "--format", "hf-mlm", "--out", exported) == 0
+    assert "export: writing" in capsys.readouterr().err and (exported / "priming.json").exists()
+    assert (exported / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    assert json.loads((exported / "config.json").read_text())["architectures"] == ["XLMRobertaForMaskedLM"]
+    key = "roberta.embeddings.word_embeddings.weight"
+    embeddings = lambda folder: safe_open(folder / "model.safetensors", "pt").get_tensor(key)
+    primed, out = embeddings(prime / "model"), embeddings(exported)
+    assert out.shape == (250_002, 768) and torch.equal(out, primed)
+    del out
+    assert not torch.equal(primed, embeddings(model))  # priming moved the embeddings
+    shutil.rmtree(tmp_path)  # 5 GB of runs (priming's checkpoint holds AdamW's moments): pytest keeps its last runs
+
+
 def fails_cleanly(capsys, argv, message, main=train.main):
     """main(argv) exits with code 2 and prints one line, 'error: ...' with message in it (and no traceback: any
     exception but SystemExit would fail the test)."""
@@ -1603,6 +1676,36 @@ def test_train_overlap_warning(tiny_testbed, tmp_path, capsys):
     run_cli("--model", model, "--data", world, "--prime-langs", "de", "--eval-langs", "de,ru", "--prime-steps", 1,
             "--out", tmp_path / "overlap", *TINY_RUN)
     assert "priming languages ['de'] are also evaluated on" in capsys.readouterr().err
+
+
+def test_train_eval_scores_the_asked_sets_and_the_priming_languages_of_the_model(tiny_testbed, tmp_path, capsys):
+    """eval's dev sets: the source and --prime-langs, else the languages the model was primed on (priming.json, carried
+    by finetune), else those with no test split; on a folder where every language has a test split (PAN-X) a model
+    never primed gets the source's alone, and prime without --prime-langs refuses, naming the languages."""
+    model, world = tiny_testbed
+    panx = tmp_path / "panx"  # the testbed without its priming-only languages: every language has a test split
+    shutil.copytree(world, panx, ignore=shutil.ignore_patterns("*-es.tsv", "*-el.tsv"))
+    steps = [*TINY_RUN, "--finetune-steps", 1, "--prime-steps", 1]
+    results = lambda out: json.loads((tmp_path / out / "results.json").read_text())
+    fails_cleanly(capsys, ["--stage", "prime", "--model", model, "--data", panx, "--out", tmp_path / "p0", *steps],
+                  f"--prime-langs: not given, and every language in {panx} with training data has a test split "
+                  f"(no default: priming on all would leave no zero-shot target); choose among de,ja,ru,tr")
+    assert run_cli("--stage", "finetune", "--model", model, "--data", panx, "--out", tmp_path / "f", *steps) == 0
+    assert run_cli("--stage", "eval", "--model", tmp_path / "f" / "model", "--data", panx, "--eval-langs", "ja",
+                   "--out", tmp_path / "e", *steps) == 0
+    assert set(results("e")["f1"]) == {"en", "ja"} and set(results("e")["dev_f1"]) == {"en"}
+    assert "eval: test sets en, ja; dev sets en (the source and priming languages)" in capsys.readouterr().err
+    assert run_cli("--stage", "prime", "--model", model, "--data", panx, "--prime-langs", "ru,tr", "--out",
+                   tmp_path / "p", *steps) == 0
+    assert run_cli("--stage", "finetune", "--model", tmp_path / "p" / "model", "--data", panx, "--out",
+                   tmp_path / "pf", *steps) == 0
+    for out, flags, dev in (("pe", [], {"en", "ru", "tr"}), ("pe2", ["--prime-langs", "de"], {"en", "de"})):
+        assert run_cli("--stage", "eval", "--model", tmp_path / "pf" / "model", "--data", panx, "--out", tmp_path / out,
+                       *flags, *steps) == 0
+        assert set(results(out)["f1"]) == {"en", "de", "ja", "ru", "tr"} and set(results(out)["dev_f1"]) == dev
+    assert run_cli("--stage", "eval", "--model", tmp_path / "pf" / "model", "--data", world, "--out", tmp_path / "we",
+                   *steps) == 0  # on the testbed with its es, el: the recorded languages still
+    assert set(results("we")["dev_f1"]) == {"en", "ru", "tr"}
 
 
 def test_train_inner_optimizer_flags():
@@ -2243,6 +2346,18 @@ def test_train_progress_eta_rounds_to_whole_seconds(capsys):
     train.show_progress(train.progress_line("x", 1, 10, {"loss": 0.5}, steps_per_s=1 / 19.96, tokens_per_s=0), 1, 10,
                         last=True)
     assert capsys.readouterr().err.strip().endswith("| 0 tok/s ETA 3m00s")
+
+
+def test_train_progress_of_a_loop_shows_each_twentieth_once_after_its_delay(monkeypatch, capsys):
+    for delay, lines in ((0.0, 20), (60.0, 0)):  # a quick loop prints nothing
+        monkeypatch.setattr(train, "PROGRESS_DELAY", delay)
+        report = train.progress("eval test-de", 1000, "sent")
+        for done in [*range(30, 1000, 30), 1000]:  # batches of 30 sentences: a line per 50 passed, and the last
+            report(done)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == lines
+        assert all(re.fullmatch(r"eval test-de \d+/1000 \| \d+ sent/s ETA \dm\d\ds", l) for l in err)
+        assert not err or err[-1].startswith("eval test-de 1000/1000 ") and err[-1].endswith("ETA 0m00s")
 
 
 def test_experiment_jobs_2_gives_the_same_table_as_jobs_1(tiny_testbed, tmp_path):

@@ -40,9 +40,9 @@ from safetensors.torch import save_file
 
 import data
 import metapeft
-from model import (PEFT_FILE, WRITING, CheckpointError, Config, Model, PeftConfig, atomic_write, copy_lm_head,
-                   fresh_phi, load_lora_adapter, load_peft, load_pretrained, open_safetensors, read_json,
-                   save_lora_adapter, saved_peft_config, theta_phi)
+from model import (PEFT_FILE, WRITING, CheckpointError, Config, Model, PeftConfig, all_finite, atomic_write,
+                   copy_lm_head, fresh_phi, load_lora_adapter, load_peft, load_pretrained, open_safetensors,
+                   read_json, save_lora_adapter, saved_peft_config, theta_phi)
 
 METHODS = ("none", "multitask", "maml", "prime")
 
@@ -92,6 +92,7 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
                         "tokens": sum(int(b["attention_mask"].sum()) for task in tasks for b in task)}
     if rank_world()[0] == 0:
         save_model(model, out / "model", model_dir)
+        record_priming(out / "model", source, prime_langs, mode)
         if mode == "none" or not set(theta_phi(model)[1]) & set(params):  # phi kept its initial draw: no init
             (out / "model" / PEFT_FILE).unlink(missing_ok=True)        # to offer --phi-init primed
     return out / "model"
@@ -132,8 +133,8 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
         metrics |= {"loss": global_sum(loss), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
                     "lr": sched.get_last_lr()[0], "tokens": int(batch["attention_mask"].sum())}
         if (step + 1) % eval_every == 0 or step + 1 == args.finetune_steps:
-            f1s = {lang: metapeft.evaluate(model, dev[lang], dev_sents[lang], labels, pad,
-                                           args.eval_batch_size)["f1"] for lang in [source] + curve}
+            f1s = {lang: evaluate(model, f"finetune dev-{lang}", dev[lang], dev_sents[lang], labels, pad,
+                                  args.eval_batch_size)["f1"] for lang in [source] + curve}
             metrics |= {f"dev_f1_{lang}": f1s[lang] for lang in curve}  # a learning curve for analysis only
             f1 = metrics["dev_f1"] = f1s[source]
             best["dev_f1s"].append(f1)
@@ -191,9 +192,10 @@ def patience_exhausted(dev_f1s, patience):
 
 
 def eval_stage(args, out, model_dir, data_dir):
-    """Test F1 of the source and every evaluation language; dev F1 of the source and of the priming languages
-    with a dev split (what selection may look at: no target-language label). results.json and results.md."""
-    source, prime_langs, evals = resolve_languages(args, data_dir)
+    """Test F1 of the source and the evaluation languages (--eval-langs, else all); dev F1 of the source and
+    of the priming languages with a dev split: --prime-langs, else those the model was primed on (what
+    selection may look at: no target-language label). results.json and results.md."""
+    source, prime_langs, evals = resolve_languages(args, data_dir, model_dir)
     tok, peft = data.load_tokenizer(model_dir), saved_peft_config(model_dir)
     model = load_model(model_dir, tok, args, peft=peft)
     if peft:
@@ -203,10 +205,12 @@ def eval_stage(args, out, model_dir, data_dir):
     model.to(device_of(args))
     pad, scores = tok.token_to_id("<pad>"), {}
     dev_langs = [source] + [l for l in prime_langs if l in data.languages(data_dir, "dev")]
+    log(f"eval: test sets {', '.join([source] + evals)}; dev sets {', '.join(dev_langs)} (the source and "
+        f"priming languages)")
     for split, langs in (("test", [source] + evals), ("dev", dev_langs)):
         _, sents, examples = load_examples(data_dir, split, langs, tok, model.labels, args.max_len)
-        scores[split] = {l: metapeft.evaluate(model, examples[l], sents[l], model.labels, pad,
-                                              args.eval_batch_size) for l in langs}
+        scores[split] = {l: evaluate(model, f"eval {split}-{l}", examples[l], sents[l], model.labels, pad,
+                                     args.eval_batch_size) for l in langs}
     result = {"model": str(model_dir), "source": source,
               "f1": {l: r["f1"] for l, r in scores["test"].items()},
               "target_avg_f1": data.macro_average({l: scores["test"][l] for l in evals}),
@@ -241,25 +245,27 @@ def export_stage(args, model_dir, out):
         model = load_peft(load_pretrained(model_dir, peft=peft), model_dir)
         save_lora_adapter(model, out, model_dir.resolve())
     else:
+        log(f"export: reading {model_dir}")
         model = load_pretrained(model_dir, mlm=args.format == "hf-mlm")
+        log(f"export: writing {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
         model.save_pretrained(out, layout={"hf-mlm": "mlm", "hf-base": "base"}[args.format])
+        copy_priming(model_dir, out)
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
 
 # ------------------------------------------------------------ languages, examples, configs, models
 
-def resolve_languages(args, data_dir):
-    """(source, priming query languages, evaluation languages), checked against the splits of data_dir."""
+def resolve_languages(args, data_dir, model_dir=None):
+    """(source, priming query languages, evaluation languages), checked against the splits of data_dir.
+    Evaluation languages: --eval-langs, else every language with a test split but the source; priming
+    languages: --prime-langs, else default_prime_langs (model_dir: the model being evaluated)."""
     have = data.languages(data_dir, "train")
     if args.source not in have:
         raise UsageError(f"--data {data_dir}: no train split for the source language {args.source!r} "
                          f"(found {have})")
     targets = [l for l in data.languages(data_dir, "test") if l != args.source]
-    # Default priming languages: those with training data but no test split (the testbed's), else all but the
-    # source.
-    others = [l for l in have if l != args.source]
-    queries = [l for l in others if l not in targets] or others
-    queries = args.prime_langs.split(",") if args.prime_langs else queries
+    queries = (args.prime_langs.split(",") if args.prime_langs
+               else default_prime_langs(args, data_dir, model_dir))
     evals = args.eval_langs.split(",") if args.eval_langs else targets
     curve = args.curve_langs.split(",") if args.curve_langs else []
     for flag, langs, split in (("--prime-langs", queries, "train"), ("--eval-langs", evals, "test"),
@@ -282,14 +288,71 @@ def warn_if_not_zero_shot(prime_langs, evals):
             f"their labelled data is seen during priming, so that evaluation is not zero-shot")
 
 
+def default_prime_langs(args, data_dir, model_dir=None):
+    """The priming languages when --prime-langs is not given. Never every language of the folder (on PAN-X
+    that primes on, and makes eval score the dev sets of, 39 languages): the languages model_dir's encoder was
+    primed on (primed_on: what eval's dev F1 reports), else those with training data but no test split (the
+    testbed's es, el). Neither: eval scores the source's dev set alone, finetune needs none, and the stages
+    that prime refuse, naming the languages found."""
+    recorded = primed_on(model_dir)
+    if recorded is not None:
+        return recorded
+    train_langs = [l for l in data.languages(data_dir, "train") if l != args.source]
+    tested = set(data.languages(data_dir, "test"))
+    langs = [l for l in train_langs if l not in tested]
+    if not langs and args.stage not in ("finetune", "eval"):
+        raise UsageError(f"--prime-langs: not given, and every language in {data_dir} with training data has "
+                         f"a test split (no default: priming on all would leave no zero-shot target); choose "
+                         f"among {','.join(train_langs)}")
+    return langs
+
+
+PRIMING_FILE = "priming.json"  # in a model folder: the source and languages its encoder was primed on
+
+
+def record_priming(model_out, source, prime_langs, mode):
+    """The priming record of a saved model folder (finetune and export carry it along: copy_priming)."""
+    write_json(Path(model_out) / PRIMING_FILE, {"source": source, "prime_langs": prime_langs, "mode": mode})
+
+
+def copy_priming(model_dir, out):
+    """model_dir's priming record, if it has one, into the model folder `out` (saved from it)."""
+    record = Path(model_dir) / PRIMING_FILE
+    if record.exists():
+        atomic_write(Path(out) / PRIMING_FILE, lambda f: shutil.copyfile(record, f))
+
+
+def primed_on(model_dir):
+    """The priming languages recorded in model_dir (None: not a primed model, or no folder)."""
+    path = model_dir and Path(model_dir) / PRIMING_FILE
+    if not path or not path.exists():
+        return None
+    langs = read_json(path).get("prime_langs")
+    if not isinstance(langs, list) or not all(isinstance(l, str) for l in langs):
+        raise CheckpointError(f"{path}: expected a list of language codes in 'prime_langs'")
+    return langs
+
+
 def load_examples(data_dir, split, langs, tok, labels, max_len):
-    """(labels, sentences, examples) of a split per language; labels=None: the first language's."""
-    sents = {lang: data.read_split(data_dir, split, lang) for lang in langs}
-    labels = labels or data.label_list(sents[langs[0]])
-    label2id = {l: i for i, l in enumerate(labels)}
-    for lang, s in sents.items():
-        data.check_labels(s, labels, str(data.split_path(data_dir, split, lang)))
-    return labels, sents, {lang: data.encode(s, tok, label2id, max_len) for lang, s in sents.items()}
+    """(labels, sentences, examples) of a split per language; labels=None: the first language's. Shows
+    progress, language by language."""
+    sents, examples, sentences = {}, {}, 0
+    report = progress(f"load {split}", len(langs), "sent")
+    for i, lang in enumerate(langs, 1):
+        sents[lang] = data.read_split(data_dir, split, lang)
+        labels = labels or data.label_list(sents[lang])
+        data.check_labels(sents[lang], labels, str(data.split_path(data_dir, split, lang)))
+        examples[lang] = data.encode(sents[lang], tok, {tag: k for k, tag in enumerate(labels)}, max_len)
+        sentences += len(sents[lang])
+        report(i, sentences)
+    return labels, sents, examples
+
+
+def evaluate(model, name, examples, sentences, labels, pad, batch_size):
+    """metapeft.evaluate with a progress line `name` counting sentences (the examples are in their order)."""
+    report = progress(name, len(sentences), "sent")
+    return metapeft.evaluate(model, examples, sentences, labels, pad, batch_size,
+                             progress=lambda n: report(examples[n - 1].sent + 1))
 
 
 def episode_config(args, source, query_langs, pairing):
@@ -362,12 +425,13 @@ def load_model(model_dir, tok, args, **kw):
 def save_model(model, out, model_dir):
     """The model in the Hugging Face layout, the tokenizer beside it, and model_dir's MLM head if the model
     has none (so it exports as XLMRobertaForMaskedLM). Never non-finite weights."""
-    bad = [n for n, p in model.named_parameters() if not p.isfinite().all()]
+    bad = [n for n, p in model.named_parameters() if not all_finite(p)]
     if bad:
         raise UsageError(f"{out}: not saved: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
     model.save_pretrained(out)
     tokenizer = Path(model_dir) / "tokenizer.json"
     atomic_write(Path(out) / "tokenizer.json", lambda f: shutil.copyfile(tokenizer, f))
+    copy_priming(model_dir, out)
     if model.lm_head is None:
         copy_lm_head(model_dir, out)
 
@@ -762,22 +826,45 @@ def agreed_stop(stop, signals):
     return stop, signum
 
 
-def progress_line(name, step, total, metrics, *, steps_per_s, tokens_per_s):
-    """`name step/total`, the float metrics, tokens a second and the time left at steps_per_s."""
+def progress_line(name, step, total, metrics, *, steps_per_s, tokens_per_s, unit="tok"):
+    """`name step/total`, the float metrics, tokens (or other `unit`s) a second and the time left at
+    steps_per_s."""
     # whole seconds first: 179.6 s is 3m00s, not 2m60s
     eta = round((total - step) / steps_per_s) if steps_per_s else 0
-    items = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    return f"{name} {step}/{total} {items} | {tokens_per_s:.0f} tok/s ETA {eta // 60}m{eta % 60:02d}s"
+    items = [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
+    rates = f"| {tokens_per_s:.0f} {unit}/s ETA {eta // 60}m{eta % 60:02d}s"
+    return " ".join([f"{name} {step}/{total}", *items, rates])
 
 
-def show_progress(line, step, total, last):
+def show_progress(line, step, total, last, previous=None):
     """The progress line of step `step` of `total`: one self-overwriting line on a terminal; in a log file a
-    plain line every total / 20 steps and at the last."""
+    plain line each time a twentieth of total is passed since step `previous` (default: step - 1), and at the
+    last."""
+    every = max(1, total // 20)
     if sys.stderr.isatty():
         width = shutil.get_terminal_size().columns - 1
         print(f"\r{line[:width]}\033[K", end="\n" if last else "", file=sys.stderr, flush=True)
-    elif step % max(1, total // 20) == 0 or last:
+    elif step // every > (step - 1 if previous is None else previous) // every or last:
         log(line)
+
+
+PROGRESS_DELAY = 1.0  # seconds: a loop shows progress once it has run this long (a quick one prints nothing)
+
+
+def progress(name, total, unit):
+    """Progress of a loop over `total` items (languages, sentences) outside training, in the training lines'
+    format: report(done, counted) after each part, `counted` units (default: done) giving the rate. Silent
+    for the loop's first PROGRESS_DELAY seconds."""
+    t0, shown = time.time(), [0]
+
+    def report(done, counted=None):
+        seconds = time.time() - t0
+        if seconds >= PROGRESS_DELAY:
+            line = progress_line(name, done, total, {}, steps_per_s=done / seconds, unit=unit,
+                                 tokens_per_s=(done if counted is None else counted) / seconds)
+            show_progress(line, done, total, done == total, previous=shown[0])
+            shown[0] = done
+    return report
 
 
 class TensorsInPlace:
@@ -809,7 +896,7 @@ def save_checkpoint(path, state, extra, step, stop, skipped):
         tensors[key := str(len(tensors))] = t.detach().cpu().contiguous()
         return {"tensor": key}
     meta = json.dumps(blob, default=moved)
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not all_finite(t)]
     if bad:
         raise UsageError(f"{path}: not overwritten: non-finite values at step {step} in {len(bad)} state "
                          f"tensor(s)")
@@ -1091,8 +1178,10 @@ def make_parser(stage=None, description=__doc__):
       "(XLMRobertaForMaskedLM), hf-base (XLMRobertaModel) or peft (LoRA + head as a peft adapter folder)")
     a = p.add_argument_group("data and episodes").add_argument
     a("--source", default="en", help="source language: fine-tuning and episode support batches")
-    a("--prime-langs", type=names, help="comma-separated query languages of priming episodes; omitted: the "
-      "languages with a train but no test split (the testbed's es, el), else all but the source")
+    a("--prime-langs", type=names, help="comma-separated query languages of priming episodes (eval: the "
+      "priming languages whose dev F1 it reports); omitted: eval takes those the model was primed on (its "
+      "priming.json), else the languages with a train but no test split (the testbed's es, el); if there are "
+      "none (PAN-X), prime refuses and eval reports the source's dev F1 alone")
     a("--eval-langs", type=names, help="comma-separated evaluation (target) languages; omitted: all test "
       "languages but the source")
     at_least_3 = number(int, lambda v: v >= 3, ">= 3 (<s>, </s> and one labelled subword)")

@@ -4,7 +4,8 @@ paired per-seed difference from the others (mean, 95% t-interval, wins).
 
     python study/experiment.py --preset quick                        # the testbed, 2 seeds: minutes on 2 cores
     python study/experiment.py --per-world --seed 1 --seeds 10       # seed s on its own testbed world s
-    python study/experiment.py --model xlm-roberta-base/ --data panx/ --methods none,prime --seeds 3
+    python study/experiment.py --model xlm-roberta-base/ --data panx/ --prime-langs de,es,nl,ru,zh \
+        --methods none,prime --seeds 3
 
 The folder (--out) keeps each cell's runs, config.json and results.json, and experiment.json / experiment.md;
 finished cells are kept, so a killed experiment resumes (the same command with --resume --out DIR).
