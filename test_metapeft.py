@@ -2116,10 +2116,11 @@ def test_study_reproduce_dry_run_names_the_pinned_commit(study, first, last, scr
     run = reproduce(study, "--dry-run")
     assert run.returncode == 0, run.stderr
     lines = run.stdout.replace(str(STUDY.parent), "$REPO").splitlines()
+    py = sys.executable.replace(str(STUDY.parent), "$REPO")  # CI's Python is in the repository's .venv
     assert commit.startswith("528169d") and f"worlds {first}-{last}" in lines[0] and lines[0].endswith(commit)
     assert lines[1:] == [f"+ git worktree add --detach {wt} {commit}",
-                         f"+ (cd {wt} && FIRST={first} N={last - first + 1} PY={sys.executable} {script})",
-                         *lines[3:-1], f"+ {sys.executable} -m study.analysis.verdict "
+                         f"+ (cd {wt} && FIRST={first} N={last - first + 1} PY={py} {script})",
+                         *lines[3:-1], f"+ {py} -m study.analysis.verdict "
                                        f"{wt}/runs/{study}/cells/experiment.json {last - first + 1}"]
     assert all(str(wt) in line for line in lines[1:]) and not wt.exists()  # a dry run makes nothing
     part = reproduce(study, first + 1, first + 2, "--dry-run")
