@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -103,21 +104,24 @@ ACTS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 LORA_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 
 
-def init_(name, t, std):
+def init_(name, t, std, generator=None):
     """Initialise tensor t in place by its parameter name: Hugging Face's normal(0, std) for weights, zero biases,
     unit norms; LoRA A as in peft, LoRA B and adapter up-projections zero (a fresh PEFT module is a no-op)."""
     if name.endswith("lora_A"):
-        return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+        return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
     if name.endswith(".bias") or name.endswith("lora_B") or ".up." in name:
         return nn.init.zeros_(t)
     if "norm" in name.lower():
         return nn.init.ones_(t)
-    return nn.init.normal_(t, std=std)
+    return nn.init.normal_(t, std=std, generator=generator)
 
 
-def fresh_phi(model):
-    """New PEFT + head tensors drawn from their initial distribution (a fresh start, as in downstream PEFT)."""
-    return {n: init_(n, torch.empty_like(p), model.cfg.initializer_range).requires_grad_()
+def fresh_phi(model, seed=None):
+    """New PEFT + head tensors drawn from their initial distribution (a fresh start, as in downstream PEFT): from
+    torch's RNG, or from `seed` alone (the draw torch.manual_seed(seed) then fresh_phi(model) gives)."""
+    device = next(model.parameters()).device
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    return {n: init_(n, torch.empty_like(p), model.cfg.initializer_range, generator).requires_grad_()
             for n, p in model.named_parameters() if is_peft(n) or is_head(n)}
 
 
@@ -129,8 +133,17 @@ def is_head(name):
     return name.startswith("classifier.")
 
 
+def linear(x, weight, bias=None):
+    """F.linear, or with a leading task dimension on the weight ([tasks, out, in], bias [tasks, out]: T tasks' own
+    phi, computed together) and on x ([tasks, tokens, in]) one matmul per task, batched."""
+    if weight.ndim == 2:
+        return F.linear(x, weight, bias)
+    return x @ weight.mT if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight.mT)
+
+
 class Linear(nn.Linear):
-    """nn.Linear plus an optional LoRA update (alpha / r) * B A. B starts at zero, so a fresh LoRA is a no-op."""
+    """nn.Linear plus an optional LoRA update (alpha / r) * B A. B starts at zero, so a fresh LoRA is a no-op.
+    Its tensors may carry a leading task dimension (see linear): the PEFT, adapter and head layers are these."""
 
     def __init__(self, n_in, n_out, r=0, alpha=1.0, dropout=0.0):
         super().__init__(n_in, n_out)
@@ -141,9 +154,9 @@ class Linear(nn.Linear):
             self.lora_dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.r and not self.merged:
-            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+            y = y + linear(linear(self.lora_dropout(x), self.lora_A), self.lora_B * self.scaling)  # B: r columns
         return y
 
     def delta(self):
@@ -162,7 +175,7 @@ class Adapter(nn.Module):
 
     def __init__(self, dim, size, act):
         super().__init__()
-        self.down, self.up, self.act = nn.Linear(dim, size), nn.Linear(size, dim), ACTS[act]
+        self.down, self.up, self.act = Linear(dim, size), Linear(size, dim), ACTS[act]
 
     def forward(self, x):
         return x + self.up(self.act(self.down(x)))
@@ -202,27 +215,29 @@ class Layer(nn.Module):
         self.adapter_ffn = adapter(method in ("houlsby", "pfeiffer"))
 
     def forward(self, x, mask, keep, where):
-        """x: [tokens, hidden], the real tokens only; mask: [batch, seq], True at real tokens; keep: their flat
-        indices; where: the row of x (len(x): zeros) at each of [batch, seq] positions, where attention sees them."""
-        (B, S), H = mask.shape, x.shape[-1]
-        padded = lambda t: unpack(t, where).view(B, S, self.n_heads, -1).transpose(1, 2)
+        """x: [tasks, tokens, hidden], each task's real tokens (then zeros up to the longest task's count); mask: [rows,
+        seq], True where attention sees a position; where: the row of x.flatten(0, 1) at each of [rows, seq]
+        positions (len: zeros), keep: the [rows * seq] position of each row of x.flatten(0, 1) (len: zeros)."""
+        (R, S), (T, M, H) = mask.shape, x.shape
+        padded = lambda t: unpack(t.flatten(0, 1), where).view(R, S, self.n_heads, -1).transpose(1, 2)
         q, k, v = (padded(p(x)) for p in (self.query, self.key, self.value))
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
                                            dropout_p=self.p_attn if self.training else 0.0)
-        a = a.transpose(1, 2).reshape(B * S, H)[keep]
+        a = unpack(a.transpose(1, 2).reshape(R * S, H), keep).view(T, M, H)
         x = self.attn_norm(x + self.adapter_attn(self.dropout(self.attn_out(a))))
         h = self.ffn_out(F.gelu(self.ffn_in(x)))
         return self.ffn_norm(x + self.adapter_ffn(self.dropout(h)))
 
 
-def unpack(x, where):
-    """[tokens, d] -> [len(where), d]: row where[i] of x, or zeros where where[i] == len(x) (a padding position)."""
-    return torch.cat([x, x.new_zeros(1, x.shape[-1])])[where]
+def unpack(x, where, fill=0):
+    """Row where[i] of x, or `fill` where where[i] == len(x) (a padding position)."""
+    return torch.cat([x, x.new_full((1, *x.shape[1:]), fill)])[where]
 
 
 class Encoder(nn.Module):
     """Embeddings (RoBERTa position ids) + layers; returns the last hidden state [batch, seq, hidden], 0 at
-    positions the attention mask hides."""
+    positions the attention mask hides. With a leading task dimension (input_ids [tasks, batch, seq], the weights of
+    PEFT layers [tasks, ...] as Linear takes them) the tasks run together: [tasks, batch, seq, hidden]."""
 
     def __init__(self, cfg, peft=None):
         super().__init__()
@@ -236,19 +251,31 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, peft) for _ in range(cfg.num_hidden_layers))
 
     def forward(self, input_ids, attention_mask=None):
-        real = input_ids.ne(self.pad)
-        positions = torch.cumsum(real, 1) * real + self.pad  # counted from pad+1 over non-pad tokens
-        mask = real if attention_mask is None else attention_mask.bool()
-        # Only the real tokens (mask True) go through the token-wise work: no FLOPs on padding. Attention and the output
-        # put them back by indexing [x; 0] (index_copy's double backward would keep a copy of x); padding returns 0.
-        keep = mask.flatten().nonzero().squeeze(1)
-        where = torch.where(mask.flatten(), mask.flatten().cumsum(0) - 1, len(keep))
-        ids, positions = input_ids.flatten()[keep], positions.flatten()[keep]
-        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
-        x = self.dropout(self.LayerNorm(x))
+        ids = input_ids.view(-1, *input_ids.shape[-2:])  # [tasks, batch, seq]; one task without a task dimension
+        real = ids.ne(self.pad)
+        positions = torch.cumsum(real, -1) * real + self.pad  # counted from pad+1 over non-pad tokens
+        mask = (real if attention_mask is None else attention_mask.view_as(ids).bool()).flatten(1)
+        # Only the real tokens (mask True) go through the token-wise work: no FLOPs on padding. They sit in x as
+        # [tasks, tokens, hidden], task t's at x[t, :its count] (zeros after, up to the longest task's count).
+        # Attention and the output put them back by indexing [x; 0] (index_copy's double backward would keep a copy
+        # of x); padding returns 0.
+        T, M = len(ids), int(mask.sum(1).max())
+        slot = mask.cumsum(1) - 1 + torch.arange(T, device=ids.device)[:, None] * M
+        where = torch.where(mask, slot, T * M).flatten()
+        real_at = mask.flatten().nonzero().squeeze(1)
+        keep = torch.full((T * M,), mask.numel(), device=ids.device).index_put_((where[real_at],), real_at)
+        # Each distinct token looked up once: its embedding gradient is one row per pass, so the row-sparse gradient
+        # (metapeft.row_sparse_embedding_gradient) sums the same few values as the dense one
+        tokens, at = unpack(ids.flatten(), keep, self.pad).unique(return_inverse=True)
+        x = (self.word_embeddings(tokens)[at]
+             + self.position_embeddings(unpack(positions.flatten(), keep, self.pad))
+             + self.token_type_embeddings.weight[0])
+        x = self.dropout(self.LayerNorm(x)).view(T, M, -1)
+        rows = mask.view(-1, ids.shape[-1])
+        rows = rows | ~rows.any(1, keepdim=True)  # a row of padding only (tasks of fewer rows): attention has a key
         for layer in self.layers:
-            x = layer(x, mask, keep, where)
-        return unpack(x, where).view(*mask.shape, -1)
+            x = layer(x, rows, keep, where)
+        return unpack(x.flatten(0, 1), where).view(*input_ids.shape, -1)
 
 
 class LMHead(nn.Module):
@@ -273,7 +300,7 @@ class Model(nn.Module):
         self.encoder = Encoder(cfg, peft)
         p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(cfg.hidden_size, len(self.labels)) if self.labels else None
+        self.classifier = Linear(cfg.hidden_size, len(self.labels)) if self.labels else None
         self.lm_head = LMHead(cfg) if mlm else None
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -282,8 +309,9 @@ class Model(nn.Module):
                 emb.weight[cfg.pad_token_id].zero_()
 
     def forward(self, input_ids, attention_mask=None):
-        """Token-classification logits [batch, seq, num_labels]."""
-        return self.classifier(self.dropout(self.encoder(input_ids, attention_mask)))
+        """Token-classification logits [batch, seq, num_labels] ([tasks, batch, seq, num_labels]: see Encoder)."""
+        h = self.encoder(input_ids, attention_mask)
+        return self.classifier(self.dropout(h.flatten(-3, -2))).view(*h.shape[:-1], -1)  # a task's tokens in a row
 
     def mlm_logits(self, input_ids, attention_mask=None):
         """Masked-LM logits [batch, seq, vocab]."""
@@ -354,19 +382,26 @@ LAYOUTS = {"token": ("XLMRobertaForTokenClassification", "classifier"), "mlm": (
 PEFT_FILE, LM_HEAD_FILE = "peft.safetensors", "lm_head.safetensors"
 
 
+WRITING = threading.Lock()  # held by atomic_write: a thread that ends the process (train.py's watch) waits for it
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over path: a killed run never leaves a half-written file. A failed write
-    (disk full) is a CheckpointError naming path, and leaves no temp file."""
+    (disk full, no permission) is a CheckpointError naming path; path keeps what it held and no temp file is left,
+    also when the write is interrupted (Ctrl-C)."""
     tmp = f"{path}.tmp"
-    try:
-        write(tmp)
-        mask = os.umask(0)  # safetensors creates its files owner-only: give them the mode any new file gets
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: not written ({getattr(e, 'strerror', None) or e})") from None
+    with WRITING:
+        try:
+            write(tmp)
+            mask = os.umask(0)  # safetensors creates its files owner-only: give them the mode any new file gets
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
+            os.replace(tmp, path)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, (OSError, SafetensorError)):
+                raise CheckpointError(f"{path}: not written ({getattr(e, 'strerror', None) or e})") from None
+            raise
 
 
 def hf_key(name):
@@ -497,11 +532,17 @@ def _float_slice(f, file, key):
     return t
 
 
+def all_finite(t):
+    """Whether a float tensor holds no NaN or inf: its min and max carry them, and need no tensor-sized buffer (as
+    isfinite's would: 192 MB for xlm-roberta's embeddings)."""
+    return t.numel() == 0 or all(math.isfinite(v.item()) for v in torch.aminmax(t.detach()))
+
+
 def _copy_finite(dst, f, file, key):
     """dst.copy_(tensor `key` of the open safetensors file f); a NaN or inf in it is an error naming it (loaded, it
     would only show later, as a NaN loss or an F1 of 0)."""
     t = f.get_tensor(key)
-    if not t.isfinite().all():
+    if not all_finite(t):
         raise CheckpointError(f"{file}: tensor {key} has non-finite values (NaN or inf)")
     dst.copy_(t)
 

@@ -1,4 +1,5 @@
 """Tests for metapeft. transformers, peft and seqeval appear here only, as reference implementations."""
+import errno
 import functools
 import hashlib
 import importlib
@@ -9,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -22,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load, save, save_file
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import metapeft as mp
+import model as model_module
 from data import DataError, Example, Sentence
 from model import CheckpointError, Config, Model, PeftConfig, atomic_write, fresh_phi, is_head, is_peft, \
     load_lora_adapter, load_peft, load_pretrained, save_lora_adapter, saved_peft_config, theta_phi
@@ -928,7 +932,10 @@ def test_prime_word_embedding_gradient_is_row_sparse_and_steps_are_exact(mode):
         theta, phi = theta_phi(model)
         if mode == "multitask":
             return sum(mp.ce_loss(model, {**theta, **phi}, b) for t in tasks for b in t) / 4
-        return sum(mp.task_loss(model, theta, phi, s, q, cfg) for s, q in tasks) / 2
+        if mode == "maml":
+            return sum(mp.task_loss(model, theta, phi, s, q, cfg) for s, q in tasks) / 2
+        support, query = (mp.stack_tasks(batches, model.cfg.pad_token_id) for batches in zip(*tasks))  # as meta_loss
+        return mp.task_loss(model, theta, {n: torch.stack([p, p]) for n, p in phi.items()}, support, query, cfg).mean()
 
     models = [tiny_model(), tiny_model()]
     params = [mp.outer_params(m, cfg) for m in models]
@@ -990,6 +997,78 @@ def test_prime_attention_kernels(monkeypatch):
         with sdpa_kernel([SDPBackend.MATH]):
             math = grads(mp.task_loss(model, theta, phi, support, query, cfg), params)
         assert max_diff(auto, math) < 1e-6
+
+
+# ----------------------------------------------------------------------------- task-batched meta-step
+# meta_loss runs its tasks' inner loops as one (a leading task dimension); each task alone (a meta-batch of one) is
+# the reference: the same meta-gradient within 1e-5 relative, whatever the options (in float64: the tiny model's
+# float32 meta-gradient is itself ill-conditioned, ~25% from its float64 value, one path or the other).
+
+def uneven_tasks(seeds=(1, 2, 3)):
+    """Tasks whose batches differ in width and token count (the batched path pads them), one with fewer query rows."""
+    tasks = []
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        support, query = random_batch(gen, size=4, length=6 + i), random_batch(gen, size=3 - (i == 1), length=9 - i)
+        tasks.append((support, query))
+    return tasks
+
+
+BATCHED_CASES = [dict(method=m, inner_opt=o, **order, **start) for m in ("lora", "houlsby", "pfeiffer")
+                 for o in ("sgd", "adam")
+                 for order in (dict(first_order=True), dict(first_order=False), dict(first_order=False, inner_backprop=1))
+                 for start in (dict(phi_start="fresh"), dict(phi_start="meta", outer="theta+phi", meta_sgd=True))]
+BATCHED_CASES += [dict(method="lora", mode="maml", inner_opt=o, first_order=f) for o in ("sgd", "adam") for f in (True, False)]
+
+
+@pytest.mark.parametrize("case", BATCHED_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_prime_batched_meta_gradient_is_each_tasks_own(case):
+    case = dict(case)
+    model = tiny_model(case.pop("method"))
+    cfg = prime_cfg(inner_steps=2, support_batches=2, inner_lr=0.1 if case["inner_opt"] == "sgd" else 0.01, **case)
+    tasks, seeds = uneven_tasks(), [11, 12, 13]
+    inner_lrs = mp.make_inner_lrs(model, cfg)
+    params = list(mp.outer_params(model, cfg, inner_lrs).values())
+    batched = grads(mp.meta_loss(model, tasks, cfg, inner_lrs, seeds), params)
+    one_at_a_time = []
+    for task_, seed in zip(tasks, seeds):  # as train.py did before: reseed, then a meta-batch of one
+        torch.manual_seed(seed)
+        one_at_a_time.append(grads(mp.meta_loss(model, [task_], cfg, inner_lrs) / len(tasks), params))
+    want = [sum(g) for g in zip(*one_at_a_time)]
+    scale = max(g.abs().max().item() for g in want)
+    assert scale > 0 and max_diff(batched, want) <= 1e-5 * scale
+
+
+def test_prime_batched_forward_is_each_tasks_own():
+    """The encoder with a task dimension gives each task's logits, phi its own (T LoRAs and heads)."""
+    model = tiny_model().eval()
+    theta, _ = theta_phi(model)
+    phis = [fresh_phi(model, seed) for seed in (1, 2, 3)]
+    for phi in phis:
+        for n, p in phi.items():
+            p.data.normal_(std=0.3)
+    queries = [q for _, q in uneven_tasks()]
+    stacked = mp.stack_tasks(queries, 1)
+    logits = functional_call(model, {**theta, **{n: torch.stack([p[n] for p in phis]) for n in phis[0]}},
+                             (stacked["input_ids"], stacked["attention_mask"]))
+    for t, (q, phi) in enumerate(zip(queries, phis)):
+        alone = functional_call(model, {**theta, **phi}, (q["input_ids"], q["attention_mask"]))
+        rows, width = q["input_ids"].shape
+        real = q["attention_mask"].bool()
+        assert (logits[t, :rows, :width][real] - alone[real]).abs().max() < 1e-12
+
+
+def test_prime_fresh_phi_from_a_seed_is_the_reseeded_draw():
+    model = tiny_model()
+    torch.manual_seed(7)
+    reseeded = fresh_phi(model)
+    assert all(torch.equal(reseeded[n], p) for n, p in fresh_phi(model, 7).items())
+
+
+def test_prime_refuses_a_support_batch_smaller_than_support_batches():
+    support, query = task()  # 3 rows
+    with pytest.raises(ValueError, match=r"^the support batch has 3 rows, fewer than support_batches=4$"):
+        mp.meta_loss(tiny_model(), [(support, query)], prime_cfg(support_batches=4))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1121,15 +1200,20 @@ def test_prime_short_run_lowers_query_loss_and_saves(tmp_path):
         assert torch.allclose(ours(*x)[real], hf(*x).logits[real], atol=1e-5)
 
 
+def bench_script(name):
+    """bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_meta_steps_agree_with_the_reference(tmp_path, capsys):
     """bench/run.py's variants at a tiny size: ours and the transformers + peft reference take the meta-step with the
     same gradient norm (first and second order, and the recipe's 20 inner AdamW steps), and the encoders agree."""
     import argparse
-    import importlib.util
-    path = os.path.join(os.path.dirname(__file__), "bench", "run.py")
-    spec = importlib.util.spec_from_file_location("bench_run", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("run")
     args = dict(layers=1, vocab=100, batch=2, seq=8, steps=1, threads=1, device="cpu", dtype="fp32", no_padding=False,
                 ckpt=str(tmp_path))
     bench.write_checkpoints(argparse.Namespace(**args), tmp_path)
@@ -1355,6 +1439,74 @@ def test_train_export_and_import(tiny_testbed, tmp_path, monkeypatch, capsys):
         fails_cleanly(capsys, [*argv, "--out", tmp_path / "bad"], message)
 
 
+# ----------------------------------------------------------------------------- rehearsal at xlm-roberta-base's shape
+
+@pytest.fixture(scope="module")
+def xlmr_panx(tmp_path_factory):
+    """bench/rehearsal.py's inputs, small: transformers' XLMRobertaForMaskedLM with xlm-roberta-base's vocabulary and
+    width (250,002 x 768) and 1 layer in the hub layout, its 250,002-piece XLM-R-layout tokenizer.json, and PAN-X's
+    40 languages in XTREME's layout (40 train, 20 dev, 20 test sentences each)."""
+    rehearsal, root = bench_script("rehearsal"), tmp_path_factory.mktemp("xlmr")
+    rehearsal.write_checkpoint(root / "model", layers=1)
+    rehearsal.write_tokenizer(root / "model")
+    rehearsal.write_panx(root / "panx", {"train": 40, "dev": 20, "test": 20})
+    yield root / "model", root / "panx", rehearsal.PANX_LANGS
+    shutil.rmtree(root)  # 0.8 GB: pytest keeps the folders of its last runs
+
+
+def shown(err, stage):
+    """(split, language) of the progress lines `stage` printed for each evaluated set's last batch."""
+    return {m[:2] for m in re.findall(rf"^{stage} (\w+)-(\w+) (\d+)/\3 \| \d+ sent/s ETA 0m00s$", err, re.M)}
+
+
+def test_rehearsal_of_the_readme_real_data_commands_at_xlmr_base_shape(xlmr_panx, tmp_path, monkeypatch, capsys):
+    """The README's real-data commands, prime -> finetune -> eval -> export with few steps, at xlm-roberta-base's
+    vocabulary and width on a 40-language PAN-X folder: what the 3,000-piece, 7-language testbed cannot show
+    (vocabulary-sized buffers, per-language loops, default language sets). eval scores exactly the asked test sets
+    and the dev sets of the languages the model was primed on, with a progress line for each."""
+    model, panx, langs = xlmr_panx
+    tok = data.load_tokenizer(model)
+    assert tok.get_vocab_size() == 250_002
+    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3, 250_001]  # <s> <pad> </s> <unk> <mask>
+    assert all(data.languages(panx, split) == langs for split in ("train", "dev", "test")) and len(langs) == 40
+    monkeypatch.setattr(train, "PROGRESS_DELAY", 0.0)  # every loop shows its progress, however quick
+    common = ["--data", panx, "--procs", 1]  # one process: the second would hold a second copy of the weights
+    fails_cleanly(capsys, ["--stage", "prime", "--model", model, *common, "--out", tmp_path / "p0"],  # no default:
+                  "choose among " + ",".join(l for l in langs if l != "en"))  # priming on all leaves no target
+    prime, tuned, evaluated, exported = (tmp_path / s for s in ("prime", "finetune", "eval", "export"))
+    assert run_cli("--stage", "prime", "--model", model, *common, "--source", "en", "--prime-langs", "de,es,nl,ru,zh",
+                   "--eval-langs", "ar,he,hi,ja,ko,my,ta,th,tr", "--prime-steps", 1, "--inner-steps", 2,
+                   "--support-batches", 2, "--tasks", 2, "--prime-warmup", 0, "--out", prime) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^load train 6/6 \| \d+ sent/s ETA 0m00s$", err, re.M), err
+    step = json.loads((prime / "metrics.jsonl").read_text())
+    assert step["step"] == 1 and math.isfinite(step["meta_loss"]) and step["grad_norm"] > 0
+    assert json.loads((prime / "model" / "priming.json").read_text()) == {
+        "source": "en", "prime_langs": ["de", "es", "nl", "ru", "zh"], "mode": "prime"}
+    assert run_cli("--stage", "finetune", "--model", prime / "model", *common, "--finetune-steps", 2,
+                   "--out", tuned) == 0
+    err = capsys.readouterr().err
+    assert shown(err, "finetune") == {("dev", "en")}, err
+    assert (tuned / "model" / "priming.json").read_bytes() == (prime / "model" / "priming.json").read_bytes()
+    assert run_cli("--stage", "eval", "--model", tuned / "model", *common, "--eval-langs", "ar,ja,sw",
+                   "--out", evaluated) == 0
+    err, results = capsys.readouterr().err, json.loads((evaluated / "results.json").read_text())
+    assert set(results["f1"]) == {"en", "ar", "ja", "sw"}  # the asked test sets, and the primed-on dev sets
+    assert set(results["dev_f1"]) == {"en", "de", "es", "nl", "ru", "zh"}
+    assert shown(err, "eval") == {("test", l) for l in results["f1"]} | {("dev", l) for l in results["dev_f1"]}, err
+    assert run_cli("--stage", "export", "--model", prime / "model", "--format", "hf-mlm", "--out", exported) == 0
+    assert "export: writing" in capsys.readouterr().err and (exported / "priming.json").exists()
+    assert (exported / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    assert json.loads((exported / "config.json").read_text())["architectures"] == ["XLMRobertaForMaskedLM"]
+    key = "roberta.embeddings.word_embeddings.weight"
+    embeddings = lambda folder: safe_open(folder / "model.safetensors", "pt").get_tensor(key)
+    primed, out = embeddings(prime / "model"), embeddings(exported)
+    assert out.shape == (250_002, 768) and torch.equal(out, primed)
+    del out
+    assert not torch.equal(primed, embeddings(model))  # priming moved the embeddings
+    shutil.rmtree(tmp_path)  # 5 GB of runs (priming's checkpoint holds AdamW's moments): pytest keeps its last runs
+
+
 def fails_cleanly(capsys, argv, message, main=train.main):
     """main(argv) exits with code 2 and prints one line, 'error: ...' with message in it (and no traceback: any
     exception but SystemExit would fail the test)."""
@@ -1528,12 +1680,60 @@ def test_train_overlap_warning(tiny_testbed, tmp_path, capsys):
     assert "priming languages ['de'] are also evaluated on" in capsys.readouterr().err
 
 
+def test_train_eval_scores_the_asked_sets_and_the_priming_languages_of_the_model(tiny_testbed, tmp_path, capsys):
+    """eval's dev sets: the source and --prime-langs, else the languages the model was primed on (priming.json, carried
+    by finetune), else those with no test split; on a folder where every language has a test split (PAN-X) a model
+    never primed gets the source's alone, and prime without --prime-langs refuses, naming the languages."""
+    model, world = tiny_testbed
+    panx = tmp_path / "panx"  # the testbed without its priming-only languages: every language has a test split
+    shutil.copytree(world, panx, ignore=shutil.ignore_patterns("*-es.tsv", "*-el.tsv"))
+    steps = [*TINY_RUN, "--finetune-steps", 1, "--prime-steps", 1]
+    results = lambda out: json.loads((tmp_path / out / "results.json").read_text())
+    fails_cleanly(capsys, ["--stage", "prime", "--model", model, "--data", panx, "--out", tmp_path / "p0", *steps],
+                  f"--prime-langs: not given, and every language in {panx} with training data has a test split "
+                  f"(no default: priming on all would leave no zero-shot target); choose among de,ja,ru,tr")
+    assert run_cli("--stage", "finetune", "--model", model, "--data", panx, "--out", tmp_path / "f", *steps) == 0
+    assert run_cli("--stage", "eval", "--model", tmp_path / "f" / "model", "--data", panx, "--eval-langs", "ja",
+                   "--out", tmp_path / "e", *steps) == 0
+    assert set(results("e")["f1"]) == {"en", "ja"} and set(results("e")["dev_f1"]) == {"en"}
+    assert "eval: test sets en, ja; dev sets en (the source and priming languages)" in capsys.readouterr().err
+    assert run_cli("--stage", "prime", "--model", model, "--data", panx, "--prime-langs", "ru,tr", "--out",
+                   tmp_path / "p", *steps) == 0
+    assert run_cli("--stage", "finetune", "--model", tmp_path / "p" / "model", "--data", panx, "--out",
+                   tmp_path / "pf", *steps) == 0
+    for out, flags, dev in (("pe", [], {"en", "ru", "tr"}), ("pe2", ["--prime-langs", "de"], {"en", "de"})):
+        assert run_cli("--stage", "eval", "--model", tmp_path / "pf" / "model", "--data", panx, "--out", tmp_path / out,
+                       *flags, *steps) == 0
+        assert set(results(out)["f1"]) == {"en", "de", "ja", "ru", "tr"} and set(results(out)["dev_f1"]) == dev
+    assert run_cli("--stage", "eval", "--model", tmp_path / "pf" / "model", "--data", world, "--out", tmp_path / "we",
+                   *steps) == 0  # on the testbed with its es, el: the recorded languages still
+    assert set(results("we")["dev_f1"]) == {"en", "ru", "tr"}
+
+
 def test_train_inner_optimizer_flags():
     for argv, opt, lr, decay in ((["--data", "panx"], "adam", 5e-4, 0.01), ([], "adam", 5e-3, 0.01),  # testbed preset
                                  (["--finetune-lr", "1e-3", "--weight-decay", "0"], "adam", 5e-3, 0),  # its own flag
                                  (["--inner-opt", "sgd", "--inner-lr", "0.3"], "sgd", 0.3, 0.01)):
         cfg = train.prime_config(train.parse_args(argv), "prime")
         assert (cfg.inner_opt, cfg.inner_lr, cfg.inner_weight_decay) == (opt, lr, decay)
+
+
+def test_readme_python_block_runs_a_priming_loop(tiny_testbed, tmp_path, monkeypatch):
+    """The README's Python API block, run as written on the shipped testbed encoder and a tiny world's data (its two
+    paths the only change): the loop primes theta and saves a model that loads again."""
+    readme = (Path(train.__file__).parent / "README.md").read_text()
+    block = re.search(r"^## Python API\n.*?```python\n(.*?)```", readme, re.S | re.M)[1]
+    paths = '"xlm-roberta-base/", "panx/"'
+    assert block.count(paths) == 1
+    monkeypatch.chdir(tmp_path)  # it saves to primed/
+    torch.manual_seed(0)
+    scope = {}
+    exec(block.replace(paths, f"{str(train.WORLD0)!r}, {str(tiny_testbed[1])!r}"), scope)
+    before = load_pretrained(train.WORLD0)
+    primed = load_pretrained(tmp_path / "primed", peft=PeftConfig("lora", lora_r=8))
+    assert primed.labels == scope["labels"] and primed.labels[0] == "O"
+    moved = [n for n, p in before.encoder.named_parameters() if not torch.equal(p, primed.encoder.get_parameter(n))]
+    assert len(moved) == len(list(before.encoder.parameters())), "the outer loop left some of theta as it was"
 
 
 def test_train_defaults_are_primeconfig_and_peftconfig_and_the_readme_recipe():
@@ -1641,7 +1841,7 @@ def test_train_nonfinite_loss_stops_keeps_the_last_checkpoint_and_resumes(tiny_t
 
     def nan_in_step_5(*a, **k):
         calls.append(1)
-        return real_loss(*a, **k) * (math.nan if len(calls) == 9 else 1.0)  # once per task: 2 a step
+        return real_loss(*a, **k) * (math.nan if len(calls) == 5 else 1.0)  # once a step (its tasks together)
 
     monkeypatch.setattr(mp, "meta_loss", nan_in_step_5)
     capsys.readouterr()
@@ -1713,6 +1913,162 @@ def test_train_resumes_a_checkpoint_written_before_the_reorder(tmp_path, monkeyp
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max() for k in a) < 1e-6
 
 
+# ----------------------------------------------------------------------------- faults: collisions, dead processes
+# Real processes on the tiny testbed: `--procs 2` (a launcher and one started process), 6 steps, a checkpoint every 2.
+# A fault is planted by a sitecustomize module on the processes' PYTHONPATH (so it reaches the processes train.py
+# starts itself): METAPEFT_TEST_FAULT="RANK STEP SIGNAL PAUSE" sends SIGNAL to process RANK in its STEP-th step
+# (-1: none), and every step first sleeps PAUSE seconds.
+
+FAULT = """import os
+if "METAPEFT_TEST_FAULT" in os.environ:
+    import signal, time, metapeft
+    rank, at, signum, pause = os.environ["METAPEFT_TEST_FAULT"].split()
+    real_step, calls = metapeft.step, []
+    def step(*a, **k):
+        calls.append(1)
+        time.sleep(float(pause))
+        if len(calls) == int(at) and os.environ.get("RANK") == rank:
+            os.kill(os.getpid(), int(signum))
+        return real_step(*a, **k)
+    metapeft.step = step
+"""
+
+
+@pytest.fixture(scope="module")
+def procs_2(tiny_testbed, tmp_path_factory):
+    """launch(out, *flags, fault=...): a started `train.py --procs 2` run (Popen, stderr piped), and the folder of the
+    same run uninterrupted."""
+    model, world = tiny_testbed
+    site = tmp_path_factory.mktemp("fault")
+    (site / "sitecustomize.py").write_text(FAULT)
+    here = os.path.dirname(os.path.abspath(__file__))
+    argv = ["train.py", "--model", model, "--data", world, *TINY_RUN[:-2], "--procs", 2, "--prime-steps", 6]
+
+    def launch(out, *flags, fault="-1 0 0 0"):
+        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{site}{os.pathsep}{here}",
+                            "METAPEFT_TEST_FAULT": fault}
+        return subprocess.Popen([sys.executable, *map(str, argv), "--out", str(out), *map(str, flags)], cwd=here,
+                                env=env, stderr=subprocess.PIPE, text=True)
+
+    whole = site / "whole"
+    assert launch(whole).wait(300) == 0
+    return launch, whole
+
+
+def ended(*procs):
+    """[(exit code, stderr)] of launched runs, once no process of theirs is left (none has their --out in argv)."""
+    ends = [(proc.communicate(timeout=300)[1], proc.returncode)[::-1] for proc in procs]
+    outs = {proc.args[proc.args.index("--out") + 1] for proc in procs}
+    for _ in range(50):  # a process killed with its launcher goes a moment later
+        left = [p for p in Path("/proc").glob("[0-9]*") if outs & set(p.joinpath("cmdline").read_bytes().decode(
+            errors="replace").split("\0")) and p.joinpath("stat").read_text().split()[2] != "Z"] \
+            if sys.platform.startswith("linux") else []
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes left running on {outs}: {left}"
+    return ends
+
+
+def same_run(a, b):
+    """The model of run folder b is byte for byte a's, and b's metrics.jsonl holds one line per step."""
+    assert all((a / "model" / f).read_bytes() == (b / "model" / f).read_bytes()
+               for f in ("model.safetensors", "config.json", "tokenizer.json"))
+    assert [json.loads(l)["step"] for l in (b / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fault_a_killed_process_stops_the_run_in_one_line_and_it_resumes_to_the_same_bytes(procs_2, tmp_path):
+    launch, whole = procs_2
+    out = tmp_path / "run"
+    [(code, err)] = ended(launch(out, fault=f"1 3 {signal.SIGKILL} 0"))  # the started process, in step 3
+    assert code == 2 and "Traceback" not in err and "gloo" not in err, err
+    assert err.splitlines()[-1] == (f"error: process 1 of 2 stopped (killed by signal 9) at step 3; the last "
+                                    f"checkpoint is step 2: resume with the same command and --resume --out {out}")
+    assert checkpoint(out / "checkpoint-prime-prime.safetensors")[0]["step"] == 2
+    [(code, err)] = ended(launch(out, "--resume", fault=f"0 3 {signal.SIGKILL} 0"))  # the launcher, in step 5
+    assert code == -signal.SIGKILL and "resumed from" in err and "Traceback" not in err, err
+    assert checkpoint(out / "checkpoint-prime-prime.safetensors")[0]["step"] == 4 and not (out / "model").exists()
+    [(code, err)] = ended(launch(out, "--resume"))
+    assert code == 0, err
+    same_run(whole, out)
+
+
+def test_fault_of_two_launches_into_one_folder_one_runs_and_one_is_refused(procs_2, tmp_path):
+    launch, whole = procs_2
+    out = tmp_path / "run"
+    runs = [launch(out, fault="-1 0 0 0.5") for _ in range(2)]  # slow steps: the second comes while the first runs
+    (code_a, err_a), (code_b, err_b) = ended(*runs)
+    assert sorted([code_a, code_b]) == [0, 2], (err_a, err_b)
+    refused = (err_a if code_a else err_b).splitlines()
+    assert len(refused) == 1 and re.fullmatch(
+        rf"error: --out {re.escape(str(out))}: (in use by another run \(process \d+ on .+\): wait for it to end, or "
+        rf"give another folder|not empty .*)", refused[0]), refused
+    same_run(whole, out)
+
+
+def test_fault_a_folder_in_use_is_refused_and_left_alone(tiny_testbed, tmp_path, capsys):
+    model, world = tiny_testbed
+    argv = ["--model", model, "--data", world, *TINY_RUN, "--prime-steps", 2, "--out", tmp_path / "run"]
+    assert run_cli(*argv) == 0
+    files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    held = train.hold_lock(tmp_path / "run", wait=False)  # as another process running there would (its own lock file)
+    try:
+        for more, main in (([], train.main), (["--resume"], train.main), (["--seeds", 1, *JOBS_1], experiment.main)):
+            fails_cleanly(capsys, [*argv, *more], f"--out {tmp_path / 'run'}: in use by another run (process "
+                          f"{os.getpid()} on {socket.gethostname()}): wait for it to end, or give another folder", main)
+        assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files  # nothing touched
+    finally:
+        os.close(held)
+    assert run_cli(*argv, "--resume") == 0  # released: the kernel drops a lock with its file (or process)
+
+
+def last_line(capsys, *argv):
+    """The last line main(argv) printed, which exited with code 2 and no traceback."""
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+def test_fault_a_failed_write_names_the_file_and_keeps_the_last_checkpoint(tiny_testbed, tmp_path, monkeypatch,
+                                                                            capsys):
+    model, world = tiny_testbed
+    argv = ["--model", model, "--data", world, *TINY_RUN, "--prime-steps", 6]
+    assert run_cli(*argv, "--out", tmp_path / "whole") == 0
+    out, real_save, calls = tmp_path / "full", train.save_file, []
+
+    def disk_full_at_the_second(tensors, path, **kw):  # the checkpoint of step 4: half written, then ENOSPC
+        calls.append(1)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(tensors, path, **kw)
+
+    monkeypatch.setattr(train, "save_file", disk_full_at_the_second)
+    ckpt = out / "checkpoint-prime-prime.safetensors"
+    assert last_line(capsys, *argv, "--out", out) == (f"error: {ckpt}: not written (No space left on device); the last "
+                                                      f"checkpoint is step 2: resume with the same command and --resume "
+                                                      f"--out {out}")
+    assert checkpoint(ckpt)[0]["step"] == 2 and not list(out.glob("*.tmp"))
+    monkeypatch.undo()
+    real_write = train.atomic_write
+
+    def read_only_model(path, write):  # the model folder refuses its weights
+        if Path(path).name == "model.safetensors":
+            raise CheckpointError(f"{path}: not written (Permission denied)")
+        return real_write(path, write)
+
+    monkeypatch.setattr(model_module, "atomic_write", read_only_model)
+    assert last_line(capsys, *argv, "--out", out, "--resume") == \
+        f"error: {out / 'model' / 'model.safetensors'}: not written (Permission denied)"
+    monkeypatch.undo()
+    assert checkpoint(ckpt)[0]["step"] == 6 and run_cli(*argv, "--out", out, "--resume") == 0
+    a, b = weights(tmp_path / "whole" / "model"), weights(out / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
 def test_train_continued_mlm_is_seeded(tiny_testbed, tmp_path):
     model, world = tiny_testbed
     dropout = copy_with(model, tmp_path / "m", "config.json",
@@ -1762,10 +2118,11 @@ def test_study_reproduce_dry_run_names_the_pinned_commit(study, first, last, scr
     run = reproduce(study, "--dry-run")
     assert run.returncode == 0, run.stderr
     lines = run.stdout.replace(str(STUDY.parent), "$REPO").splitlines()
+    py = sys.executable.replace(str(STUDY.parent), "$REPO")  # CI's Python is in the repository's .venv
     assert commit.startswith("528169d") and f"worlds {first}-{last}" in lines[0] and lines[0].endswith(commit)
     assert lines[1:] == [f"+ git worktree add --detach {wt} {commit}",
-                         f"+ (cd {wt} && FIRST={first} N={last - first + 1} PY={sys.executable} {script})",
-                         *lines[3:-1], f"+ {sys.executable} -m study.analysis.verdict "
+                         f"+ (cd {wt} && FIRST={first} N={last - first + 1} PY={py} {script})",
+                         *lines[3:-1], f"+ {py} -m study.analysis.verdict "
                                        f"{wt}/runs/{study}/cells/experiment.json {last - first + 1}"]
     assert all(str(wt) in line for line in lines[1:]) and not wt.exists()  # a dry run makes nothing
     part = reproduce(study, first + 1, first + 2, "--dry-run")
@@ -2035,6 +2392,18 @@ def test_train_progress_eta_rounds_to_whole_seconds(capsys):
     train.show_progress(train.progress_line("x", 1, 10, {"loss": 0.5}, steps_per_s=1 / 19.96, tokens_per_s=0), 1, 10,
                         last=True)
     assert capsys.readouterr().err.strip().endswith("| 0 tok/s ETA 3m00s")
+
+
+def test_train_progress_of_a_loop_shows_each_twentieth_once_after_its_delay(monkeypatch, capsys):
+    for delay, lines in ((0.0, 20), (60.0, 0)):  # a quick loop prints nothing
+        monkeypatch.setattr(train, "PROGRESS_DELAY", delay)
+        report = train.progress("eval test-de", 1000, "sent")
+        for done in [*range(30, 1000, 30), 1000]:  # batches of 30 sentences: a line per 50 passed, and the last
+            report(done)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == lines
+        assert all(re.fullmatch(r"eval test-de \d+/1000 \| \d+ sent/s ETA \dm\d\ds", l) for l in err)
+        assert not err or err[-1].startswith("eval test-de 1000/1000 ") and err[-1].endswith("ETA 0m00s")
 
 
 def test_experiment_jobs_2_gives_the_same_table_as_jobs_1(tiny_testbed, tmp_path):

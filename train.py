@@ -14,6 +14,9 @@ run these stages. See README.md.
 """
 import argparse
 import contextlib
+import ctypes
+import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -25,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -36,9 +40,9 @@ from safetensors.torch import save_file
 
 import data
 import metapeft
-from model import (PEFT_FILE, CheckpointError, Config, Model, PeftConfig, atomic_write, copy_lm_head,
-                   fresh_phi, load_lora_adapter, load_peft, load_pretrained, open_safetensors, read_json,
-                   save_lora_adapter, saved_peft_config, theta_phi)
+from model import (PEFT_FILE, WRITING, CheckpointError, Config, Model, PeftConfig, all_finite, atomic_write,
+                   copy_lm_head, fresh_phi, load_lora_adapter, load_peft, load_pretrained, open_safetensors,
+                   read_json, save_lora_adapter, saved_peft_config, theta_phi)
 
 METHODS = ("none", "multitask", "maml", "prime")
 PRIMED_FILE = "primed.json"  # beside a primed model: how it was primed (fine-tuning's config.json records it)
@@ -78,15 +82,18 @@ def prime_stage(args, out, model_dir, data_dir, mode, seed):
         for step, metrics in steps:
             tasks = data.episodes(examples, episodes, pad, seed, step)
             loss = torch.zeros((), device=device)
-            for i in my_share(len(tasks), seed, step):  # the meta-loss is the mean over the tasks
+            mine = list(my_share(len(tasks), seed, step))  # this process's tasks, computed together
+            if mine:  # the meta-loss is the mean over the tasks; each task's fresh phi drawn from its own seed
                 with autocast(args, device):
-                    task = tuple(to_device(b, device) for b in tasks[i])
-                    loss = loss + metapeft.meta_loss(model, [task], cfg, inner_lrs) / len(tasks)
+                    share = [tuple(to_device(b, device) for b in tasks[i]) for i in mine]
+                    seeds = [task_seed(seed, step, i) for i in mine]
+                    loss = metapeft.meta_loss(model, share, cfg, inner_lrs, seeds) * len(mine) / len(tasks)
             norm = metapeft.step(loss, params, opt, sched, cfg.clip)
             metrics |= {"meta_loss": global_sum(loss), "grad_norm": norm, "lr": sched.get_last_lr()[0],
                         "tokens": sum(int(b["attention_mask"].sum()) for task in tasks for b in task)}
     if rank_world()[0] == 0:
         save_model(model, out / "model", model_dir)
+        record_priming(out / "model", source, prime_langs, mode)
         if mode == "none" or not set(theta_phi(model)[1]) & set(params):  # phi kept its initial draw: no init
             (out / "model" / PEFT_FILE).unlink(missing_ok=True)        # to offer --phi-init primed
         write_json(out / "model" / PRIMED_FILE, {"mode": mode, "peft": asdict(peft_config(args))})
@@ -135,8 +142,8 @@ def finetune_stage(args, out, model_dir, data_dir, seed):
         metrics |= {"loss": global_sum(loss), "grad_norm": metapeft.step(loss, phi, opt, sched, args.clip),
                     "lr": sched.get_last_lr()[0], "tokens": int(batch["attention_mask"].sum())}
         if (step + 1) % eval_every == 0 or step + 1 == args.finetune_steps:
-            f1s = {lang: metapeft.evaluate(model, dev[lang], dev_sents[lang], labels, pad,
-                                           args.eval_batch_size)["f1"] for lang in [source] + curve}
+            f1s = {lang: evaluate(model, f"finetune dev-{lang}", dev[lang], dev_sents[lang], labels, pad,
+                                  args.eval_batch_size)["f1"] for lang in [source] + curve}
             metrics |= {f"dev_f1_{lang}": f1s[lang] for lang in curve}  # a learning curve for analysis only
             f1 = metrics["dev_f1"] = f1s[source]
             best["dev_f1s"].append(f1)
@@ -194,9 +201,10 @@ def patience_exhausted(dev_f1s, patience):
 
 
 def eval_stage(args, out, model_dir, data_dir):
-    """Test F1 of the source and every evaluation language; dev F1 of the source and of the priming languages
-    with a dev split (what selection may look at: no target-language label). results.json and results.md."""
-    source, prime_langs, evals = resolve_languages(args, data_dir)
+    """Test F1 of the source and the evaluation languages (--eval-langs, else all); dev F1 of the source and
+    of the priming languages with a dev split: --prime-langs, else those the model was primed on (what
+    selection may look at: no target-language label). results.json and results.md."""
+    source, prime_langs, evals = resolve_languages(args, data_dir, model_dir)
     tok, peft = data.load_tokenizer(model_dir), saved_peft_config(model_dir)
     model = load_model(model_dir, tok, args, peft=peft)
     if peft:
@@ -206,10 +214,12 @@ def eval_stage(args, out, model_dir, data_dir):
     model.to(device_of(args))
     pad, scores = tok.token_to_id("<pad>"), {}
     dev_langs = [source] + [l for l in prime_langs if l in data.languages(data_dir, "dev")]
+    log(f"eval: test sets {', '.join([source] + evals)}; dev sets {', '.join(dev_langs)} (the source and "
+        f"priming languages)")
     for split, langs in (("test", [source] + evals), ("dev", dev_langs)):
         _, sents, examples = load_examples(data_dir, split, langs, tok, model.labels, args.max_len)
-        scores[split] = {l: metapeft.evaluate(model, examples[l], sents[l], model.labels, pad,
-                                              args.eval_batch_size) for l in langs}
+        scores[split] = {l: evaluate(model, f"eval {split}-{l}", examples[l], sents[l], model.labels, pad,
+                                     args.eval_batch_size) for l in langs}
     result = {"model": str(model_dir), "source": source,
               "f1": {l: r["f1"] for l, r in scores["test"].items()},
               "target_avg_f1": data.macro_average({l: scores["test"][l] for l in evals}),
@@ -244,25 +254,27 @@ def export_stage(args, model_dir, out):
         model = load_peft(load_pretrained(model_dir, peft=peft), model_dir)
         save_lora_adapter(model, out, model_dir.resolve())
     else:
+        log(f"export: reading {model_dir}")
         model = load_pretrained(model_dir, mlm=args.format == "hf-mlm")
+        log(f"export: writing {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
         model.save_pretrained(out, layout={"hf-mlm": "mlm", "hf-base": "base"}[args.format])
+        copy_priming(model_dir, out)
     shutil.copyfile(model_dir / "tokenizer.json", out / "tokenizer.json")
 
 
 # ------------------------------------------------------------ languages, examples, configs, models
 
-def resolve_languages(args, data_dir):
-    """(source, priming query languages, evaluation languages), checked against the splits of data_dir."""
+def resolve_languages(args, data_dir, model_dir=None):
+    """(source, priming query languages, evaluation languages), checked against the splits of data_dir.
+    Evaluation languages: --eval-langs, else every language with a test split but the source; priming
+    languages: --prime-langs, else default_prime_langs (model_dir: the model being evaluated)."""
     have = data.languages(data_dir, "train")
     if args.source not in have:
         raise UsageError(f"--data {data_dir}: no train split for the source language {args.source!r} "
                          f"(found {have})")
     targets = [l for l in data.languages(data_dir, "test") if l != args.source]
-    # Default priming languages: those with training data but no test split (the testbed's), else all but the
-    # source.
-    others = [l for l in have if l != args.source]
-    queries = [l for l in others if l not in targets] or others
-    queries = args.prime_langs.split(",") if args.prime_langs else queries
+    queries = (args.prime_langs.split(",") if args.prime_langs
+               else default_prime_langs(args, data_dir, model_dir))
     evals = args.eval_langs.split(",") if args.eval_langs else targets
     curve = args.curve_langs.split(",") if args.curve_langs else []
     for flag, langs, split in (("--prime-langs", queries, "train"), ("--eval-langs", evals, "test"),
@@ -285,14 +297,71 @@ def warn_if_not_zero_shot(prime_langs, evals):
             f"their labelled data is seen during priming, so that evaluation is not zero-shot")
 
 
+def default_prime_langs(args, data_dir, model_dir=None):
+    """The priming languages when --prime-langs is not given. Never every language of the folder (on PAN-X
+    that primes on, and makes eval score the dev sets of, 39 languages): the languages model_dir's encoder was
+    primed on (primed_on: what eval's dev F1 reports), else those with training data but no test split (the
+    testbed's es, el). Neither: eval scores the source's dev set alone, finetune needs none, and the stages
+    that prime refuse, naming the languages found."""
+    recorded = primed_on(model_dir)
+    if recorded is not None:
+        return recorded
+    train_langs = [l for l in data.languages(data_dir, "train") if l != args.source]
+    tested = set(data.languages(data_dir, "test"))
+    langs = [l for l in train_langs if l not in tested]
+    if not langs and args.stage not in ("finetune", "eval"):
+        raise UsageError(f"--prime-langs: not given, and every language in {data_dir} with training data has "
+                         f"a test split (no default: priming on all would leave no zero-shot target); choose "
+                         f"among {','.join(train_langs)}")
+    return langs
+
+
+PRIMING_FILE = "priming.json"  # in a model folder: the source and languages its encoder was primed on
+
+
+def record_priming(model_out, source, prime_langs, mode):
+    """The priming record of a saved model folder (finetune and export carry it along: copy_priming)."""
+    write_json(Path(model_out) / PRIMING_FILE, {"source": source, "prime_langs": prime_langs, "mode": mode})
+
+
+def copy_priming(model_dir, out):
+    """model_dir's priming record, if it has one, into the model folder `out` (saved from it)."""
+    record = Path(model_dir) / PRIMING_FILE
+    if record.exists():
+        atomic_write(Path(out) / PRIMING_FILE, lambda f: shutil.copyfile(record, f))
+
+
+def primed_on(model_dir):
+    """The priming languages recorded in model_dir (None: not a primed model, or no folder)."""
+    path = model_dir and Path(model_dir) / PRIMING_FILE
+    if not path or not path.exists():
+        return None
+    langs = read_json(path).get("prime_langs")
+    if not isinstance(langs, list) or not all(isinstance(l, str) for l in langs):
+        raise CheckpointError(f"{path}: expected a list of language codes in 'prime_langs'")
+    return langs
+
+
 def load_examples(data_dir, split, langs, tok, labels, max_len):
-    """(labels, sentences, examples) of a split per language; labels=None: the first language's."""
-    sents = {lang: data.read_split(data_dir, split, lang) for lang in langs}
-    labels = labels or data.label_list(sents[langs[0]])
-    label2id = {l: i for i, l in enumerate(labels)}
-    for lang, s in sents.items():
-        data.check_labels(s, labels, str(data.split_path(data_dir, split, lang)))
-    return labels, sents, {lang: data.encode(s, tok, label2id, max_len) for lang, s in sents.items()}
+    """(labels, sentences, examples) of a split per language; labels=None: the first language's. Shows
+    progress, language by language."""
+    sents, examples, sentences = {}, {}, 0
+    report = progress(f"load {split}", len(langs), "sent")
+    for i, lang in enumerate(langs, 1):
+        sents[lang] = data.read_split(data_dir, split, lang)
+        labels = labels or data.label_list(sents[lang])
+        data.check_labels(sents[lang], labels, str(data.split_path(data_dir, split, lang)))
+        examples[lang] = data.encode(sents[lang], tok, {tag: k for k, tag in enumerate(labels)}, max_len)
+        sentences += len(sents[lang])
+        report(i, sentences)
+    return labels, sents, examples
+
+
+def evaluate(model, name, examples, sentences, labels, pad, batch_size):
+    """metapeft.evaluate with a progress line `name` counting sentences (the examples are in their order)."""
+    report = progress(name, len(sentences), "sent")
+    return metapeft.evaluate(model, examples, sentences, labels, pad, batch_size,
+                             progress=lambda n: report(examples[n - 1].sent + 1))
 
 
 def episode_config(args, source, query_langs, pairing):
@@ -365,11 +434,13 @@ def load_model(model_dir, tok, args, **kw):
 def save_model(model, out, model_dir):
     """The model in the Hugging Face layout, the tokenizer beside it, and model_dir's MLM head if the model
     has none (so it exports as XLMRobertaForMaskedLM). Never non-finite weights."""
-    bad = [n for n, p in model.named_parameters() if not p.isfinite().all()]
+    bad = [n for n, p in model.named_parameters() if not all_finite(p)]
     if bad:
         raise UsageError(f"{out}: not saved: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
     model.save_pretrained(out)
-    shutil.copyfile(Path(model_dir) / "tokenizer.json", Path(out) / "tokenizer.json")
+    tokenizer = Path(model_dir) / "tokenizer.json"
+    atomic_write(Path(out) / "tokenizer.json", lambda f: shutil.copyfile(tokenizer, f))
+    copy_priming(model_dir, out)
     if model.lm_head is None:
         copy_lm_head(model_dir, out)
 
@@ -419,6 +490,11 @@ def testbed(args, seed, need_model=True):
     """(model_dir, data_dir) of testbed world `seed`, made on first use and cached in <--testbed>-<seed>; the
     encoder is world 0's shipped one, or MLM-pretrained on the world's text."""
     root = Path(f"{args.testbed}-{seed}")
+    with making(root):
+        return make_testbed(args, seed, need_model, root)
+
+
+def make_testbed(args, seed, need_model, root):
     model_dir, data_dir = root / "pretrain" / "model", root / "data"
     if not (data_dir / "tokenizer.json").exists():
         log(f"testbed: generating the synthetic multilingual world in {data_dir} (seed {seed})")
@@ -540,12 +616,22 @@ def start_run(args, stage, make=None, keep=False):
     the maker of the parser whose defaults the flags are, train.py's by default). keep: a folder that holds
     outputs is used as it is (a script that keeps its finished work there), not refused."""
     out = Path(args.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-    found = [out, sorted(p.name for p in out.iterdir()) if out.is_dir() else []]
+    found = [out, None, []]  # the folder, why it is refused, what it holds
+    if rank_world()[0] == 0:
+        try:  # the lock before the look: a launch racing this one finds it taken
+            if out.is_dir() or not args.resume:  # (--resume of a folder that is not there makes none)
+                lock_run_folder(out)
+            found[2] = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        except UsageError as e:
+            found[1] = str(e)
     # one folder for all processes, named by rank 0's clock, seen before rank 0 writes
     if dist.is_initialized():
         dist.broadcast_object_list(found)
-    out, names = found
-    held = [n for n in names if n != "config.json"]  # a run that stopped at a bad flag left its config alone
+    out, refused, names = found
+    if refused:
+        raise UsageError(refused)
+    # a run that stopped at a bad flag left its config (and the lock file) alone
+    held = [n for n in names if n not in ("config.json", LOCK)]
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "out")} | {"stage": stage}
     if stage == "finetune" and args.model:  # what the model was primed with, whatever --peft fine-tunes with
         config["primed_with"] = primed_with(args.model)
@@ -566,7 +652,95 @@ def start_run(args, stage, make=None, keep=False):
     out.mkdir(parents=True, exist_ok=True)
     if rank_world()[0] == 0:
         write_json(out / "config.json", config)
+    PROGRESS.update(out=out, step=0, saved=0)
     return out
+
+
+LOCK = ".lock"  # a run folder's (and a testbed world's) lock file: its flock is held by the process using it
+_run_lock = None  # the file descriptor holding this process's run folder (rank 0 holds one at a time)
+
+
+def lock_run_folder(out):
+    """Hold the run folder `out` for this process until release_run_folder() or its end (kill -9 included:
+    the kernel drops a flock with its process, so no lock is ever stale). A folder another process holds (a
+    run going on or starting there) is refused in one line naming it and that process; nothing in it is
+    touched."""
+    global _run_lock
+    release_run_folder()
+    fd = hold_lock(out, wait=False)
+    if fd is None:
+        raise UsageError(f"--out {out}: in use by another run ({lock_holder(out)}): wait for it to end, or "
+                         f"give another folder")
+    _run_lock = fd
+
+
+def release_run_folder():
+    """Let go of the run folder this process holds, if any."""
+    global _run_lock
+    if _run_lock is not None:
+        os.close(_run_lock)
+        _run_lock = None
+
+
+def hold_lock(folder, wait):
+    """An open file descriptor of folder/.lock holding its exclusive flock, its text then naming this
+    process; None where another process holds it (wait=False). A file system without locks: a warning, and
+    no lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # no O_TRUNC: its text is the holder's
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        log(f"warning: {folder / LOCK}: no lock on this file system ({e.strerror}): nothing stops two runs "
+            f"in {folder}")
+    with contextlib.suppress(OSError):  # what a refused process shows; a full disk is no reason to stop here
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def lock_holder(folder):
+    """Who holds folder/.lock, as its text says ("process PID on HOST")."""
+    with contextlib.suppress(OSError):
+        return (folder / LOCK).read_text().strip() or "a process starting"
+    return "a process"
+
+
+@contextlib.contextmanager
+def making(folder):
+    """Hold folder/.lock while making what it caches: another process making the same waits, then finds it
+    made."""
+    try:
+        fd = hold_lock(folder, wait=False)
+        if fd is None:
+            log(f"{folder}: waiting for {lock_holder(folder)}, which is making it")
+            fd = hold_lock(folder, wait=True)
+    except OSError:  # no lock on a read-only cache: made already (or what it misses fails, naming the file)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+# Where this process's run is, for the one-line stop when another process of it dies: its folder, the step
+# under way (0: none yet) and the last checkpoint's step.
+PROGRESS = {"out": None, "step": 0, "saved": 0}
+
+
+def resume_hint():
+    """How to go on after a stop, from PROGRESS."""
+    out, saved = PROGRESS["out"], PROGRESS["saved"]
+    if out is None:
+        return "run the same command again"
+    return (f"the last checkpoint is step {saved}" if saved else "no checkpoint yet") + \
+        f": resume with the same command and --resume --out {out}"
 
 
 def train_steps(out, name, total, state, extra, args, resume):
@@ -580,6 +754,7 @@ def train_steps(out, name, total, state, extra, args, resume):
     start, stop, skipped = load_checkpoint(ckpt, state, extra) if resume and ckpt.exists() else (0, False, 0)
     if start:
         log(f"{name}: resumed from {ckpt} at step {start}")
+    PROGRESS["saved"] = start
     main_rank = rank_world()[0] == 0
     if metrics_file.exists() and main_rank:
         drop_metrics_after(metrics_file, name, start)
@@ -594,6 +769,7 @@ def train_steps(out, name, total, state, extra, args, resume):
     try:  # restored also when the stage's step raises: this generator is then closed
         for step in range(start, start if stop else total):
             metrics = {}
+            PROGRESS["step"] = step + 1
             yield step, metrics
             stop, signum = agreed_stop(metrics.pop("stop", False), signals)
             # the same on every rank: the metrics are global sums
@@ -606,15 +782,18 @@ def train_steps(out, name, total, state, extra, args, resume):
                                      f"{kept} (--skip-nonfinite N skips up to N such steps)")
                 metrics |= dict.fromkeys(bad) | {"nonfinite_skipped": skipped}  # counted in metrics.jsonl
             if main_rank:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps({"stage": name, "step": step + 1, **metrics}) + "\n")
+                append_line(metrics_file, json.dumps({"stage": name, "step": step + 1, **metrics}))
                 tokens += metrics.get("tokens", 0)
                 seconds = max(time.time() - t0, 1e-9)
                 line = progress_line(name, step + 1, total, metrics, steps_per_s=(step + 1 - start) / seconds,
                                      tokens_per_s=tokens / seconds)
                 show_progress(line, step + 1, total, last=bool(stop) or step + 1 == total)
                 if (step + 1) % args.ckpt_every == 0 or step + 1 == total or stop or signum:  # a stopped run
-                    save_checkpoint(ckpt, state, extra, step + 1, bool(stop), skipped)  # stays stopped
+                    try:
+                        save_checkpoint(ckpt, state, extra, step + 1, bool(stop), skipped)  # stays stopped
+                    except CheckpointError as e:  # disk full, no permission: the last one is kept as it was
+                        raise CheckpointError(f"{e}; {resume_hint()}") from None
+                    PROGRESS["saved"] = step + 1
             if signum:
                 if dist.is_initialized():  # no process exits (and torchrun stops the others) mid-checkpoint
                     dist.barrier()
@@ -625,6 +804,15 @@ def train_steps(out, name, total, state, extra, args, resume):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def append_line(path, line):
+    """Append a line to a text file; a failed write (disk full) names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def drop_metrics_after(metrics_file, name, start):
@@ -649,22 +837,45 @@ def agreed_stop(stop, signals):
     return stop, signum
 
 
-def progress_line(name, step, total, metrics, *, steps_per_s, tokens_per_s):
-    """`name step/total`, the float metrics, tokens a second and the time left at steps_per_s."""
+def progress_line(name, step, total, metrics, *, steps_per_s, tokens_per_s, unit="tok"):
+    """`name step/total`, the float metrics, tokens (or other `unit`s) a second and the time left at
+    steps_per_s."""
     # whole seconds first: 179.6 s is 3m00s, not 2m60s
     eta = round((total - step) / steps_per_s) if steps_per_s else 0
-    items = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    return f"{name} {step}/{total} {items} | {tokens_per_s:.0f} tok/s ETA {eta // 60}m{eta % 60:02d}s"
+    items = [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
+    rates = f"| {tokens_per_s:.0f} {unit}/s ETA {eta // 60}m{eta % 60:02d}s"
+    return " ".join([f"{name} {step}/{total}", *items, rates])
 
 
-def show_progress(line, step, total, last):
+def show_progress(line, step, total, last, previous=None):
     """The progress line of step `step` of `total`: one self-overwriting line on a terminal; in a log file a
-    plain line every total / 20 steps and at the last."""
+    plain line each time a twentieth of total is passed since step `previous` (default: step - 1), and at the
+    last."""
+    every = max(1, total // 20)
     if sys.stderr.isatty():
         width = shutil.get_terminal_size().columns - 1
         print(f"\r{line[:width]}\033[K", end="\n" if last else "", file=sys.stderr, flush=True)
-    elif step % max(1, total // 20) == 0 or last:
+    elif step // every > (step - 1 if previous is None else previous) // every or last:
         log(line)
+
+
+PROGRESS_DELAY = 1.0  # seconds: a loop shows progress once it has run this long (a quick one prints nothing)
+
+
+def progress(name, total, unit):
+    """Progress of a loop over `total` items (languages, sentences) outside training, in the training lines'
+    format: report(done, counted) after each part, `counted` units (default: done) giving the rate. Silent
+    for the loop's first PROGRESS_DELAY seconds."""
+    t0, shown = time.time(), [0]
+
+    def report(done, counted=None):
+        seconds = time.time() - t0
+        if seconds >= PROGRESS_DELAY:
+            line = progress_line(name, done, total, {}, steps_per_s=done / seconds, unit=unit,
+                                 tokens_per_s=(done if counted is None else counted) / seconds)
+            show_progress(line, done, total, done == total, previous=shown[0])
+            shown[0] = done
+    return report
 
 
 class TensorsInPlace:
@@ -696,7 +907,7 @@ def save_checkpoint(path, state, extra, step, stop, skipped):
         tensors[key := str(len(tensors))] = t.detach().cpu().contiguous()
         return {"tensor": key}
     meta = json.dumps(blob, default=moved)
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not all_finite(t)]
     if bad:
         raise UsageError(f"{path}: not overwritten: non-finite values at step {step} in {len(bad)} state "
                          f"tensor(s)")
@@ -736,10 +947,15 @@ def rank_world():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+LAUNCHER = "METAPEFT_LAUNCHER"  # in the environment of a process that start_ranks started: its launcher's pid
+
+
 def start_ranks(args, argv):
     """--procs N > 1: this process becomes rank 0 of N gloo processes (as under torchrun) and starts ranks
-    1..N-1 with the same command line, each with its share of the cores. Returns their Popen handles."""
+    1..N-1 with the same command line, each with its share of the cores, watched (watch_ranks). Returns their
+    Popen handles. In a process it started: tie it to its launcher (die_with_parent)."""
     if args.procs < 2:  # parse_args refuses --procs > 1 under torchrun
+        die_with_parent(os.environ.pop(LAUNCHER, None))
         return []
     with socket.socket() as s:  # a free port for the process group's rendezvous
         s.bind(("127.0.0.1", 0))
@@ -747,12 +963,97 @@ def start_ranks(args, argv):
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.procs)
     env = {"WORLD_SIZE": str(args.procs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "OMP_NUM_THREADS": str(threads)}
+    # a session of their own: Ctrl-C reaches this process alone, and the stop it makes reaches them at a
+    # step's end
     ranks = [subprocess.Popen([sys.executable, __file__, *map(str, argv), "--procs", "1"],
-                              env=os.environ | env | {"RANK": str(r), "LOCAL_RANK": str(r)})
+                              start_new_session=True, env=os.environ | env | {
+                                  "RANK": str(r), "LOCAL_RANK": str(r), LAUNCHER: str(os.getpid())})
              for r in range(1, args.procs)]
     os.environ.update(env | {"RANK": "0", "LOCAL_RANK": "0"})
     torch.set_num_threads(threads)
+    watch_ranks(ranks)
     return ranks
+
+
+def die_with_parent(parent):
+    """Have the kernel kill this process when its parent (pid `parent`, as text; None: do nothing) ends, even
+    by kill -9 (Linux; elsewhere it ends at its next collective)."""
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it ended before that
+        os._exit(2)
+
+
+# How a started process ends along with this one: done (0), the same error (2) or signal stop (128 + SIGINT
+# or SIGTERM) as all processes; any other end (killed, crashed) stops the run.
+TOGETHER = (0, 2, 128 + signal.SIGINT, 128 + signal.SIGTERM)
+_ranks_ending = threading.Event()  # set when this process ends its started ones itself
+_stopping = threading.Lock()  # taken by the first to report a dead process (never released: the process ends)
+
+
+def watch_ranks(ranks):
+    """A thread per started process: one that ends otherwise than TOGETHER stops the run
+    (stop_for_dead_rank)."""
+    _ranks_ending.clear()
+
+    def watch(rank, process):
+        if process.wait() not in TOGETHER and not _ranks_ending.is_set():
+            stop_for_dead_rank(ranks, rank)
+    for rank, process in enumerate(ranks, 1):
+        threading.Thread(target=watch, args=(rank, process), daemon=True).start()
+
+
+def stop_for_dead_rank(ranks, rank):
+    """Started process `rank` died: kill the others (they write nothing), say so in one line with how to
+    resume, and exit 2, from whichever thread. A file being written is finished first, so the last checkpoint
+    is whole."""
+    _stopping.acquire()
+    for process in ranks:
+        process.kill()
+        process.wait()
+    code = ranks[rank - 1].returncode
+    cause = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    with WRITING:
+        log("error: " + stopped_line(f"process {rank} of {len(ranks) + 1}", cause))
+        os._exit(2)
+
+
+def stopped_line(who, cause):
+    """The one-line stop: who stopped, why, at which step, and how to go on."""
+    step = PROGRESS["step"]
+    when = f"at step {step}" if step else "before the first step"
+    return f"{who} stopped ({cause}) {when}; {resume_hint()}"
+
+
+def stop_for_lost_process(error, ranks):
+    """If `error` is a collective failing because another process of the run died: the one-line stop, exit 2
+    (from rank 0; the others exit silently). Returns if it is not (a bug: it keeps its traceback)."""
+    rank, world = rank_world()
+    lost = isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and re.search(r"gloo|NCCL",
+                                                                                              str(error))
+    if world < 2 or not lost:
+        return
+    for _ in range(100):  # the process that died shows as ended a moment after the collective fails
+        dead = [r for r, process in enumerate(ranks, 1) if process.poll() not in (None, 0)]
+        if dead:
+            stop_for_dead_rank(ranks, dead[0])
+        if not ranks:
+            break
+        time.sleep(0.1)
+    if rank == 0:
+        log("error: " + stopped_line(f"another of the {world} processes", "its connection was lost"))
+    sys.exit(2)
+
+
+def end_ranks(ranks, failed):
+    """This process ends: so do the ones it started, at once after a failure (they write nothing); none is
+    left."""
+    _ranks_ending.set()
+    for process in ranks:
+        if failed:
+            process.kill()
+        process.wait()
 
 
 def join_process_group(args):
@@ -783,8 +1084,13 @@ def my_share(n, seed, step):
     step, index): whichever process computes it draws the same, so N processes make the update of one."""
     rank, world = rank_world()
     for index in range(rank, n, world):
-        torch.manual_seed((seed * 1_000_003 + step) * 1_000_003 + index)
+        torch.manual_seed(task_seed(seed, step, index))
         yield index
+
+
+def task_seed(seed, step, index):
+    """The seed of a step's task or micro-batch `index`, whichever process computes it."""
+    return (seed * 1_000_003 + step) * 1_000_003 + index
 
 
 def global_sum(t):
@@ -883,8 +1189,10 @@ def make_parser(stage=None, description=__doc__):
       "(XLMRobertaForMaskedLM), hf-base (XLMRobertaModel) or peft (LoRA + head as a peft adapter folder)")
     a = p.add_argument_group("data and episodes").add_argument
     a("--source", default="en", help="source language: fine-tuning and episode support batches")
-    a("--prime-langs", type=names, help="comma-separated query languages of priming episodes; omitted: the "
-      "languages with a train but no test split (the testbed's es, el), else all but the source")
+    a("--prime-langs", type=names, help="comma-separated query languages of priming episodes (eval: the "
+      "priming languages whose dev F1 it reports); omitted: eval takes those the model was primed on (its "
+      "priming.json), else the languages with a train but no test split (the testbed's es, el); if there are "
+      "none (PAN-X), prime refuses and eval reports the source's dev F1 alone")
     a("--eval-langs", type=names, help="comma-separated evaluation (target) languages; omitted: all test "
       "languages but the source")
     at_least_3 = number(int, lambda v: v >= 3, ">= 3 (<s>, </s> and one labelled subword)")
@@ -1054,13 +1362,14 @@ def command_line():
         how = f"with --resume --out {run.out}" if run.out else "again"
         log(f"{message}; to go on, run the same command {how}")
         sys.exit(128 + signum)
+    except Exception as e:  # a bug keeps its traceback; a collective failing as another process died: a line
+        stop_for_lost_process(e, run.ranks)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        for r in run.ranks:  # the ranks this one started: they end with it
-            if sys.exc_info()[0]:
-                r.terminate()
-            r.wait()
+        end_ranks(run.ranks, sys.exc_info()[0])  # the ranks this one started end with it
+        release_run_folder()
 
 
 def main(argv=None):

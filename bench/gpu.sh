@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks in one command (each part capped: under 10 minutes in all on one GPU):
+# The CUDA checks in one command (each part capped: under 13 minutes in all on one GPU):
 #   bench-fp32   encoder parity with transformers (fp32 within 1e-4; bf16 at most 1.5x as far from transformers'
 #                fp32 states as transformers' own bf16 states), matmul rate, encoder, first/second-order
 #                meta-steps and the recipe's priming step (20 inner AdamW steps) at xlm-roberta-base size (full
@@ -9,7 +9,9 @@
 #   testbed      builds the synthetic testbed (world + MLM pretraining of its tiny encoder) on the GPU
 #   prime-bf16   a 20-step priming run of the testbed with --device cuda --dtype bf16
 #   bench-bf16   the matmul rate, encoder, meta-steps and recipe step again under bf16 autocast
-# Everything lands in OUT (default bench/gpu-out): each part's JSON and log, and gpu.json, which gathers them.
+#   batched      the task-batched meta-step against the sequential code (bench/run.py's SEQUENTIAL_COMMIT), fp32:
+#                the testbed's priming meta-step (4 tasks) and the recipe step at xlm-roberta-base size with 4 tasks
+# Everything lands in OUT (default bench/results/gpu): each part's JSON and log, and gpu.json, which gathers them.
 #     bash bench/gpu.sh [OUT]
 # A dry run on a CPU at a tiny size checks the script itself (not the GPU):
 #     DEVICE=cpu THREADS=1 SIZE="--layers 1 --vocab 1000 --batch 2 --seq 16" \
@@ -17,7 +19,7 @@
 # (LIMIT_SCALE=3 multiplies every part's time limit: a CPU shared with other jobs imports torch slowly.)
 set -u
 cd "$(dirname "$0")/.."
-OUT=${1:-bench/gpu-out}
+OUT=${1:-bench/results/gpu}
 DEVICE=${DEVICE:-cuda}
 THREADS=${THREADS:-8}  # CPU threads of the benchmark processes (model initialisation, data)
 SIZE=${SIZE:-}  # bench/run.py size flags; empty: xlm-roberta-base size
@@ -50,6 +52,7 @@ part testbed 120 "$PY" "${TRAIN[@]}" --stage prime --prime-steps 0 --out "$OUT/t
 part prime-bf16 60 "$PY" "${TRAIN[@]}" --stage prime --dtype bf16 --prime-steps 20 --out "$OUT/prime-bf16"
 part bench-bf16 150 "$PY" "${BENCH[@]}" --dtype bf16 --sections matmul,encoder,meta,recipe $SIZE \
   --out "$OUT/bench-bf16.json"
+part batched 150 "$PY" "${BENCH[@]}" --dtype fp32 --sections prime,recipe --tasks 4 $SIZE --out "$OUT/batched.json"
 
 "$PY" - "$OUT" <<'EOF'
 import json, math, sys
@@ -64,11 +67,14 @@ prime = {"steps": len(steps), "seconds": next(p["seconds"] for p in parts if p["
          "all_finite": bool(steps) and all(isinstance(v, float) and math.isfinite(v)
                                            for s in steps for k, v in s.items() if k in ("meta_loss", "grad_norm"))}
 fp32, bf16, nopad = read(out / "bench-fp32.json"), read(out / "bench-bf16.json"), read(out / "bench-nopad.json")
+batched = read(out / "batched.json")
 checks = {"parity_fp32": bool(fp32 and fp32.get("parity_fp32_ok")), "parity_bf16": bool(fp32 and fp32.get("parity_bf16_ok")),
           "prime_bf16_20_finite_steps": prime["steps"] == 20 and prime["all_finite"],
+          "batched_grad_norms_agree": bool(batched) and all(batched[f"{k}_grad_norm_rel_diff"] < 1e-4
+                                                            for k in ("prime", "recipe_vs_sequential")),
           "every_part_exit_0": all(p["rc"] == 0 for p in parts)}
 report = {"checks": checks, "parts": parts, "prime_bf16": prime, "bench_fp32": fp32, "bench_bf16": bf16,
-          "bench_fp32_no_padding": nopad}
+          "bench_fp32_no_padding": nopad, "batched_vs_sequential": batched}
 (out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
 print(json.dumps({"checks": checks, "prime_bf16": prime}))
 EOF

@@ -4,6 +4,7 @@
     python bench/run.py                                 # xlm-roberta-base: 12 layers, vocab 250,002, batches 8 x 128
     python bench/run.py --no-padding                    # every row full length
     python bench/run.py --device cuda --dtype bf16      # on a GPU (bench/gpu.sh runs it)
+    python bench/run.py --sections prime --out bench/results/NAME.json    # the testbed's meta-step alone
 
 Sections, from one checkpoint the script writes (random weights, a trained-looking LoRA):
   matmul   this machine's matmul rate on the encoder's own shapes (torch.mm, the benchmark's dtype)
@@ -16,8 +17,13 @@ Sections, from one checkpoint the script writes (random weights, a trained-looki
            the passes differentiated twice, as ours), loss.backward(inputs=theta), clip_grad_norm_ and
            torch.optim.AdamW(fused=True); dropout 0, so gradients agree
   recipe   the whole priming step of the study's recipe (RECIPE: K = 20 inner AdamW steps, each on a new support
-           batch of --batch rows, first order) with the outer step; the reference adapts a per-task copy of the
-           LoRA + head tensors with torch.optim.AdamW(fused=True) (autograd.grad into .grad, then .step())
+           batch of --batch rows, first order) on --tasks tasks with the outer step; the reference adapts a per-task
+           copy of the LoRA + head tensors with torch.optim.AdamW(fused=True) (autograd.grad into .grad, then
+           .step()); also against the sequential code (below)
+  prime    the testbed's priming meta-step as `python train.py --stage prime` takes it (4 tasks, the testbed
+           preset of the recipe, world 0's encoder, one process): ours (the tasks together) vs the sequential code
+The sequential code: metapeft.py and model.py of SEQUENTIAL_COMMIT, the last whose meta_loss took one task at a time
+(train.py called it once per task); the variants' table is VARIANTS.
   profile  (not by default) one step of meta (second order) and recipe per stack: the ops' CPU time by kind
            (matmuls, attention, elementwise, optimizer) and the rest (Python, autograd, dispatch); the matmuls'
            FLOP/s against the matmul section's rate
@@ -44,7 +50,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# The code before the task-batched meta-step (meta_loss one task at a time), for the variants of settings["code"]
+# "sequential": run_variant puts its metapeft.py and model.py in a folder named by BENCH_CODE, imported first.
+SEQUENTIAL_COMMIT = "e516686"
+if os.environ.get("BENCH_CODE"):
+    sys.path.insert(0, os.environ["BENCH_CODE"])
+import data  # noqa: E402
 import metapeft as mp  # noqa: E402
 from model import Config, Model, PeftConfig, hf_key, load_peft, load_pretrained  # noqa: E402
 
@@ -159,10 +172,11 @@ def is_phi(name):
 
 
 def recipe_tasks(args, device):
-    """One task of the recipe: a support batch of support_batches x --batch rows (split by rows, one part per inner
-    step, as train.py's priming data), padded as a whole to its longest row, and a query batch of --batch rows."""
-    return [(make_batches(args, 1, device, rows=args.batch * RECIPE["support_batches"], seed=1)[0],
-             make_batches(args, 1, device, seed=2)[0])]
+    """--tasks tasks of the recipe: each a support batch of support_batches x --batch rows (split by rows, one part
+    per inner step, as train.py's priming data), padded as a whole to its longest row, and a query batch of --batch
+    rows."""
+    return [(make_batches(args, 1, device, rows=args.batch * RECIPE["support_batches"], seed=1 + 2 * t)[0],
+             make_batches(args, 1, device, seed=2 + 2 * t)[0]) for t in range(getattr(args, "tasks", 1))]
 
 
 def padding_fraction(batches):
@@ -241,87 +255,174 @@ def _loss(amp, fn):
         return fn()
 
 
+def matmul_rate(args, device, settings):
+    """This machine's matmul rate on the encoder's own shapes."""
+    cfg, tokens = Config(), args.batch * args.seq
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    shapes = [(tokens, cfg.hidden_size, cfg.hidden_size), (tokens, cfg.hidden_size, cfg.intermediate_size),
+              (tokens, cfg.intermediate_size, cfg.hidden_size)]
+    mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+            for m, k, n in shapes]
+    reps = 10 if device.type == "cpu" else 200
+    times, peak = timed_steps(lambda: [a @ b for a, b in mats for _ in range(reps)], args, device)
+    flops = reps * sum(2 * m * k * n for m, k, n in shapes)
+    return {"peak_mb": peak, "times": times, "flop_per_s": flops / statistics.median(times)}
+
+
+def parity(args, device, settings):
+    """max |ours - transformers| of the encoder's hidden states in fp32, and both stacks' bf16 errors."""
+    from transformers import XLMRobertaModel
+    ckpt = Path(args.ckpt)
+    ours = load_pretrained(ckpt / "encoder").encoder.to(device).eval()
+    ref = XLMRobertaModel.from_pretrained(ckpt / "encoder", attn_implementation="sdpa",
+                                          add_pooling_layer=False).to(device).eval()
+    batch = make_batches(args, 1, device)[0]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = mask.bool()  # padded positions' states are unused (and differ between attention kernels)
+    states = {}
+    for dtype in ("fp32", "bf16"):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            states[dtype] = (ours(ids, mask).float()[real],
+                             ref(ids, attention_mask=mask).last_hidden_state.float()[real])
+    want = states["fp32"][1]
+    out = {"parity_fp32_max_abs_diff": (states["fp32"][0] - want).abs().max().item(),
+           "parity_max_abs_state": want.abs().max().item()}
+    # bf16 has no exact answer: both stacks' bf16 states against transformers' fp32 ones
+    for who, state in zip(("ours", "hf"), states["bf16"]):
+        out[f"parity_bf16_{who}_mean_abs_err"] = (state - want).abs().mean().item()
+        out[f"parity_bf16_{who}_max_abs_err"] = (state - want).abs().max().item()
+    return out
+
+
+def encoder_step(args, device, settings):
+    """Forward + backward of one encoder (ours or transformers'), dropout on."""
+    ckpt = Path(args.ckpt)
+    if settings["stack"] == "ours":
+        model = load_pretrained(ckpt / "encoder").to(device).train()
+        run = lambda ids, mask: model.encoder(ids, mask)
+    else:
+        from transformers import XLMRobertaModel
+        model = XLMRobertaModel.from_pretrained(ckpt / "encoder", attn_implementation="sdpa",
+                                                add_pooling_layer=False).to(device).train()
+        run = lambda ids, mask: model(ids, attention_mask=mask).last_hidden_state
+    batch, amp = make_batches(args, 1, device)[0], autocast(args, device)
+
+    def step():
+        model.zero_grad(set_to_none=True)  # as a training step does, so gradients never accumulate
+        with amp:
+            loss = run(batch["input_ids"], batch["attention_mask"]).float().square().mean()
+        loss.backward()
+    times, peak = timed_steps(step, args, device)
+    return {"peak_mb": peak, "step_s": statistics.median(times), "times": times,
+            "flops": 3 * forward_flops(batch, args.layers)}
+
+
+def meta_step(args, device, settings):
+    """A meta-step (section meta or recipe) of one stack, timed; grad_norm_first is the warm-up step's norm: the
+    same weights in every stack, so it must agree."""
+    step, tasks, flops = meta_variant(settings, args, device)
+    norms, amp = [], autocast(args, device)
+    times, peak = timed_steps(lambda: norms.append(float(step(tasks, amp))), args, device)
+    return {"peak_mb": peak, "step_s": statistics.median(times), "times": times, "grad_norm_first": norms[0],
+            "flops": flops, "padding_fraction": padding_fraction([b for task in tasks for b in task])}
+
+
+def profile(args, device, settings):
+    step, tasks, _ = meta_variant(VARIANTS[settings["of"]][1], args, device)
+    amp = autocast(args, device)
+    return profile_step(lambda: step(tasks, amp), device)
+
+
+def testbed_prime_step(args, device, settings):
+    """The testbed's priming meta-step as `python train.py --stage prime` takes it (its default recipe, world 0's
+    encoder, meta-step 1's tasks) in one process: this code's meta_loss on all tasks at once, or the sequential
+    code's train.py loop (torch reseeded per task, meta_loss on one task at a time). Both draw each task's fresh phi
+    from the same seed, so their gradients agree."""
+    import train
+    targs = train.parse_args(["--stage", "prime", "--testbed", args.testbed, "--procs", "1"])
+    model_dir, data_dir = train.resolve_inputs(targs)  # makes the testbed world on first use
+    source, langs, _ = train.resolve_languages(targs, data_dir)
+    tok = data.load_tokenizer(model_dir)
+    labels, _, examples = train.load_examples(data_dir, "train", [source] + langs, tok, None, targs.max_len)
+    model = train.load_model(model_dir, tok, targs, labels=labels, peft=train.peft_config(targs)).to(device).train()
+    cfg = train.prime_config(targs, "prime")
+    episodes = train.episode_config(targs, source, langs, targs.pairing)
+    tasks = [tuple({k: v.to(device) for k, v in batch.items()} for batch in task)
+             for task in data.episodes(examples, episodes, tok.token_to_id("<pad>"), seed=0, step=1)]
+    params = mp.outer_params(model, cfg)
+    opt = mp.make_optimizer(params, cfg.lr, cfg.weight_decay)
+    sched = mp.make_scheduler(opt, cfg.warmup, targs.prime_steps)
+    seeds = range(len(tasks))
+
+    def loss():
+        if settings["code"] == "batched":
+            return mp.meta_loss(model, tasks, cfg, None, seeds)
+        total = 0
+        for task, seed in zip(tasks, seeds):
+            torch.manual_seed(seed)
+            total = total + mp.meta_loss(model, [task], cfg) / len(tasks)
+        return total
+    norms = []
+    times, peak = timed_steps(lambda: norms.append(mp.step(loss(), params, opt, sched, cfg.clip)), args, device)
+    return {"peak_mb": peak, "step_s": statistics.median(times), "times": times, "grad_norm_first": norms[0],
+            "tasks": len(tasks), "tokens": sum(int(b["attention_mask"].sum()) for t in tasks for b in t)}
+
+
+# Every variant the parent runs, each in a fresh process: name -> (builder, settings). settings["code"]
+# "sequential" runs the code of SEQUENTIAL_COMMIT (metapeft.py and model.py; the rest is this checkout's).
+VARIANTS = {
+    "matmul": (matmul_rate, {}),
+    "parity": (parity, {}),
+    "encoder_ours": (encoder_step, {"stack": "ours"}),
+    "encoder_hf": (encoder_step, {"stack": "hf"}),
+    **{f"meta_{stack}_{order}": (meta_step, {"section": "meta", "stack": stack, "order": order})
+       for order in (1, 2) for stack in ("ours", "reference")},
+    "recipe_ours": (meta_step, {"section": "recipe", "stack": "ours"}),
+    "recipe_reference": (meta_step, {"section": "recipe", "stack": "reference"}),
+    "recipe_sequential": (meta_step, {"section": "recipe", "stack": "ours", "code": "sequential"}),
+    "prime_batched": (testbed_prime_step, {"code": "batched"}),
+    "prime_sequential": (testbed_prime_step, {"code": "sequential"}),
+    **{f"profile_{name}": (profile, {"of": name})
+       for name in ("meta_ours_2", "meta_reference_2", "recipe_ours", "recipe_reference")},
+}
+# The variants of each section, in the order they run; a section's comparisons: (key, ours, the one compared to).
+SECTIONS = {
+    "matmul": ["matmul"],
+    "encoder": ["encoder_ours", "encoder_hf"],
+    "meta": ["meta_ours_1", "meta_reference_1", "meta_ours_2", "meta_reference_2"],
+    "recipe": ["recipe_ours", "recipe_reference", "recipe_sequential"],
+    "prime": ["prime_batched", "prime_sequential"],
+}
+COMPARISONS = {
+    "encoder": [("encoder", "encoder_ours", "encoder_hf")],
+    "meta": [("metastep1", "meta_ours_1", "meta_reference_1"), ("metastep2", "meta_ours_2", "meta_reference_2")],
+    "recipe": [("recipe", "recipe_ours", "recipe_reference"), ("recipe_vs_sequential", "recipe_ours",
+                                                                "recipe_sequential")],
+    "prime": [("prime", "prime_batched", "prime_sequential")],
+}
+
+
 def child(args):
     """Run one variant in this (fresh) process; print its figures as one JSON line."""
     import peft, transformers  # noqa: F401  in every variant, so that all start from the same resident memory
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    device, ckpt, name = torch.device(args.device), Path(args.ckpt), args.child
-    amp = autocast(args, device)
-    out = {}
-    if name == "matmul":
-        cfg, tokens = Config(), args.batch * args.seq
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        shapes = [(tokens, cfg.hidden_size, cfg.hidden_size), (tokens, cfg.hidden_size, cfg.intermediate_size),
-                  (tokens, cfg.intermediate_size, cfg.hidden_size)]
-        mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
-                for m, k, n in shapes]
-        reps = 10 if device.type == "cpu" else 200
-        times, out["peak_mb"] = timed_steps(lambda: [a @ b for a, b in mats for _ in range(reps)], args, device)
-        flops = reps * sum(2 * m * k * n for m, k, n in shapes)
-        out |= {"times": times, "flop_per_s": flops / statistics.median(times)}
-    elif name == "parity":
-        from transformers import XLMRobertaModel
-        ours = load_pretrained(ckpt / "encoder").encoder.to(device).eval()
-        ref = XLMRobertaModel.from_pretrained(ckpt / "encoder", attn_implementation="sdpa",
-                                              add_pooling_layer=False).to(device).eval()
-        batch = make_batches(args, 1, device)[0]
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        real = mask.bool()  # padded positions' states are unused (and differ between attention kernels)
-        states = {}
-        for dtype in ("fp32", "bf16"):
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                states[dtype] = (ours(ids, mask).float()[real],
-                                 ref(ids, attention_mask=mask).last_hidden_state.float()[real])
-        want = states["fp32"][1]
-        out = {"parity_fp32_max_abs_diff": (states["fp32"][0] - want).abs().max().item(),
-               "parity_max_abs_state": want.abs().max().item()}
-        # bf16 has no exact answer: both stacks' bf16 states against transformers' fp32 ones
-        for who, state in zip(("ours", "hf"), states["bf16"]):
-            out[f"parity_bf16_{who}_mean_abs_err"] = (state - want).abs().mean().item()
-            out[f"parity_bf16_{who}_max_abs_err"] = (state - want).abs().max().item()
-    elif name.startswith("encoder_"):
-        if name == "encoder_ours":
-            model = load_pretrained(ckpt / "encoder").to(device).train()
-            run = lambda ids, mask: model.encoder(ids, mask)
-        else:
-            from transformers import XLMRobertaModel
-            model = XLMRobertaModel.from_pretrained(ckpt / "encoder", attn_implementation="sdpa",
-                                                    add_pooling_layer=False).to(device).train()
-            run = lambda ids, mask: model(ids, attention_mask=mask).last_hidden_state
-        batch = make_batches(args, 1, device)[0]
-
-        def step():
-            model.zero_grad(set_to_none=True)  # as a training step does, so gradients never accumulate
-            with amp:
-                loss = run(batch["input_ids"], batch["attention_mask"]).float().square().mean()
-            loss.backward()
-        times, out["peak_mb"] = timed_steps(step, args, device)
-        out |= {"step_s": statistics.median(times), "times": times, "flops": 3 * forward_flops(batch, args.layers)}
-    elif name.startswith("profile_"):
-        step, tasks, _ = meta_variant(name.removeprefix("profile_"), args, device)
-        out = profile_step(lambda: step(tasks, amp), device)
-    else:  # meta_{ours,reference}_{1,2}, recipe_{ours,reference}
-        step, tasks, flops = meta_variant(name, args, device)
-        norms = []  # the first is the warm-up step's: the same weights in both stacks, so it must agree
-        times, out["peak_mb"] = timed_steps(lambda: norms.append(float(step(tasks, amp))), args, device)
-        out |= {"step_s": statistics.median(times), "times": times, "grad_norm_first": norms[0], "flops": flops,
-                "padding_fraction": padding_fraction([b for task in tasks for b in task])}
-    print(json.dumps(out))
+    build, settings = VARIANTS[args.child]
+    print(json.dumps(build(args, torch.device(args.device), settings)))
 
 
-def meta_variant(name, args, device):
-    """(step, tasks, matmul FLOPs of a step) of meta_{ours,reference}_{1,2} or recipe_{ours,reference}."""
+def meta_variant(settings, args, device):
+    """(step, tasks, matmul FLOPs of a step) of a meta or recipe variant's settings."""
     ckpt = Path(args.ckpt) / "meta"
-    make = ours_meta_step if "_ours" in name else reference_meta_step
-    if name.startswith("recipe_"):
+    make = ours_meta_step if settings["stack"] == "ours" else reference_meta_step
+    if settings["section"] == "recipe":
         cfg = mp.PrimeConfig(**PRIME_COMMON, **RECIPE)
         tasks = recipe_tasks(args, device)
-        (support, query), = tasks
         # each inner step: forward, backward to phi (through every layer: about one forward); query: fwd, bwd
-        flops = forward_flops(support, args.layers) * 2 + forward_flops(query, args.layers) * 3
+        flops = sum(forward_flops(support, args.layers) * 2 + forward_flops(query, args.layers) * 3
+                    for support, query in tasks)
     else:
-        order = int(name[-1])
+        order = settings["order"]
         cfg = mp.PrimeConfig(**PRIME_COMMON, **META, first_order=order == 1)
         tasks = [tuple(make_batches(args, 2, device))]
         # support: forward, backward (second order: both once more); query: forward, backward
@@ -420,15 +521,29 @@ def write_checkpoints(args, root):
 
 def run_variant(name, args, ckpt):
     """The figures (a dict) of one variant, run in a fresh process."""
-    flags = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "batch", "seq", "steps", "threads", "device",
-                                                   "dtype")] + ["--no-padding"] * args.no_padding
-    proc = subprocess.run([sys.executable, __file__, *flags, f"--child={name}", f"--ckpt={ckpt}"],
-                          capture_output=True, text=True)
+    flags = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "batch", "seq", "tasks", "steps", "threads",
+                                                   "device", "dtype")]
+    if args.no_padding:
+        flags.append("--no-padding")
+    env = dict(os.environ)
+    if VARIANTS[name][1].get("code") == "sequential":
+        env["BENCH_CODE"] = str(Path(ckpt) / "sequential")
+    proc = subprocess.run([sys.executable, __file__, *flags, f"--child={name}", f"--ckpt={ckpt}",
+                           f"--testbed={Path(ckpt) / 'testbed'}"], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"bench variant {name} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{name}: {out}", file=sys.stderr, flush=True)
     return out
+
+
+def write_sequential_code(root):
+    """root/sequential: metapeft.py and model.py of SEQUENTIAL_COMMIT (from git), for the sequential variants."""
+    (root / "sequential").mkdir()
+    for name in ("metapeft.py", "model.py"):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{SEQUENTIAL_COMMIT}:{name}"], capture_output=True,
+                              text=True, check=True).stdout
+        (root / "sequential" / name).write_text(text)
 
 
 def run_rounds(names, args, ckpt):
@@ -457,12 +572,14 @@ def main():
                     help="torch threads (default: 1; on a CPU shared with other jobs, OpenMP threads stall)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: cpu)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (default: fp32)")
-    ap.add_argument("--sections", default="matmul,parity,encoder,meta,recipe",
-                    help="comma-separated subset of matmul,parity,encoder,meta,recipe,profile (default: all but "
+    ap.add_argument("--tasks", type=int, default=1, help="tasks of the recipe's meta-step (default: 1)")
+    ap.add_argument("--sections", default="matmul,parity,encoder,meta,recipe,prime",
+                    help="comma-separated subset of matmul,parity,encoder,meta,recipe,prime,profile (default: all but "
                          "profile)")
     ap.add_argument("--out", help="also write the final JSON object to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--testbed", help=argparse.SUPPRESS)
     args = ap.parse_args()
     for k, v in SIZES["quick" if args.quick else "full"].items():
         setattr(args, k, getattr(args, k) or v)
@@ -472,49 +589,47 @@ def main():
     sections = args.sections.split(",")
     start, load = time.time(), os.getloadavg()[0]
     padding = {"padding_fraction": padding_fraction(make_batches(args, 2, "cpu")),
-               "recipe_padding_fraction": padding_fraction(recipe_tasks(args, "cpu")[0])}
-    report = {"size": {k: getattr(args, k) for k in SIZES["full"]} | {"tasks": 1, "hidden": 768, "heads": 12} | padding,
+               "recipe_padding_fraction": padding_fraction([b for t in recipe_tasks(args, "cpu") for b in t])}
+    report = {"size": {k: getattr(args, k) for k in SIZES["full"]} | {"tasks": args.tasks, "hidden": 768, "heads": 12}
+              | padding,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else
               f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch thread(s)",
               "dtype": args.dtype, "torch": torch.__version__, "repeats": args.repeats, "steps": args.steps,
-              "reference_optimizer": "fused", "recipe": RECIPE}
+              "reference_optimizer": "fused", "recipe": RECIPE, "sequential_code": SEQUENTIAL_COMMIT}
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoints(args, Path(tmp))
+        write_sequential_code(Path(tmp))
         if "parity" in sections:  # not timed: once
             report |= run_variant("parity", args, tmp)
             report["parity_fp32_ok"] = report["parity_fp32_max_abs_diff"] <= 1e-4
             report["parity_bf16_ok"] = (report["parity_bf16_ours_mean_abs_err"]
                                         <= BF16_TOLERANCE * report["parity_bf16_hf_mean_abs_err"])
-        names = (["matmul"] * ("matmul" in sections) + ["encoder_ours", "encoder_hf"] * ("encoder" in sections)
-                 + [f"meta_{who}_{o}" for o in (1, 2) for who in ("ours", "reference")] * ("meta" in sections)
-                 + ["recipe_ours", "recipe_reference"] * ("recipe" in sections))
-        results = run_rounds(names, args, tmp)
+        results = run_rounds([name for section in sections for name in SECTIONS.get(section, [])], args, tmp)
         if "profile" in sections:  # not timed for the ratios: once each
-            report["profile"] = {n: run_variant(f"profile_{n}", args, tmp)
-                                 for n in ("meta_ours_2", "meta_reference_2", "recipe_ours", "recipe_reference")}
+            report["profile"] = {VARIANTS[n][1]["of"]: run_variant(n, args, tmp) for n in VARIANTS
+                                 if n.startswith("profile_")}
     if "matmul" in sections:
         report["matmul_flop_per_s"] = rate = median(results, "matmul", "flop_per_s")
-    for section, pairs in (("encoder", [("encoder", "encoder_ours", "encoder_hf")]),
-                           ("meta", [(f"metastep{o}", f"meta_ours_{o}", f"meta_reference_{o}") for o in (1, 2)]),
-                           ("recipe", [("recipe", "recipe_ours", "recipe_reference")])):
+    for section, comparisons in COMPARISONS.items():
         if section not in sections:
             continue
-        for key, ours, ref in pairs:
-            t_ours, t_ref = median(results, ours, "step_s"), median(results, ref, "step_s")
-            m_ours, m_ref = median(results, ours, "peak_mb"), median(results, ref, "peak_mb")
-            flops = results[ours][0]["flops"]
+        for key, ours, other in comparisons:  # "ref": the variant compared to
+            t_ours, t_ref = median(results, ours, "step_s"), median(results, other, "step_s")
+            m_ours, m_ref = median(results, ours, "peak_mb"), median(results, other, "peak_mb")
             report |= {f"{key}_ours_s": round(t_ours, 4), f"{key}_ref_s": round(t_ref, 4),
-                       f"{key}_ours_peak_mb": round(m_ours), f"{key}_ref_peak_mb": round(m_ref),
-                       f"{key}_ours_flop_per_s": flops / t_ours}
-            if section in ("meta", "recipe"):
+                       f"{key}_ours_peak_mb": round(m_ours), f"{key}_ref_peak_mb": round(m_ref)}
+            if section == "encoder":
+                report["encoder_speedup_vs_hf"] = round(t_ref / t_ours, 3)
+            else:
                 report[f"{key}_speedup_vs_ref"] = round(t_ref / t_ours, 3)
                 report[f"{key}_mem_ratio_vs_ref"] = round(m_ours / m_ref, 3)
-                a, b = results[ours][0]["grad_norm_first"], results[ref][0]["grad_norm_first"]
+                a, b = results[ours][0]["grad_norm_first"], results[other][0]["grad_norm_first"]
                 report[f"{key}_grad_norm_rel_diff"] = abs(a - b) / b  # the same gradient: ~1e-7 in fp32
-            else:
-                report["encoder_speedup_vs_hf"] = round(t_ref / t_ours, 3)
-            if "matmul" in sections:
-                report[f"{key}_matmul_fraction"] = round(flops / t_ours / rate, 3)
+            if "flops" in results[ours][0]:
+                flops = results[ours][0]["flops"]
+                report[f"{key}_ours_flop_per_s"] = flops / t_ours
+                if "matmul" in sections:
+                    report[f"{key}_matmul_fraction"] = round(flops / t_ours / rate, 3)
     if "encoder_matmul_fraction" in report:
         report["matmul_fraction"] = report["encoder_matmul_fraction"]
     peak = next((p for gpu, p in PEAK_TFLOPS.items() if gpu in report["device"]), None)
@@ -527,7 +642,7 @@ def main():
             prof["matmul_fraction"] = {k: round(v / rate, 3) for k, v in prof["flop_per_s"].items() if v}
     # The headline figures last, where a reader of the JSON line's end finds them.
     for key in ("metastep2_speedup_vs_ref", "metastep2_mem_ratio_vs_ref", "recipe_speedup_vs_ref",
-                "recipe_mem_ratio_vs_ref"):
+                "recipe_mem_ratio_vs_ref", "recipe_vs_sequential_speedup_vs_ref", "prime_speedup_vs_ref"):
         if key in report:
             report[key] = report.pop(key)
     report |= {"load_average_start_end": [round(load, 2), round(os.getloadavg()[0], 2)],

@@ -4,7 +4,8 @@ paired per-seed difference from the others (mean, 95% t-interval, wins).
 
     python study/experiment.py --preset quick                        # the testbed, 2 seeds: minutes on 2 cores
     python study/experiment.py --per-world --seed 1 --seeds 10       # seed s on its own testbed world s
-    python study/experiment.py --model xlm-roberta-base/ --data panx/ --methods none,prime --seeds 3
+    python study/experiment.py --model xlm-roberta-base/ --data panx/ --prime-langs de,es,nl,ru,zh \
+        --methods none,prime --seeds 3
 
 The folder (--out) keeps each cell's runs, config.json and results.json, and experiment.json / experiment.md;
 finished cells are kept, so a killed experiment resumes (the same command with --resume --out DIR).
@@ -22,6 +23,7 @@ import os
 import signal
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 
 import torch
@@ -177,8 +179,8 @@ def run_jobs(jobs, threads, calls):
         torch.set_num_threads(threads)
         yield from ((call, call[1](*call[2:])) for call in calls)
         return
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                               initargs=(threads,))
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=cell_process,
+                               initargs=(threads, str(os.getpid())))
 
     def stop(signum, frame):  # Ctrl-C or SIGTERM to this process (or to all): the cells are ended below
         raise train.Interrupted(f"experiment: stopped by {signal.Signals(signum).name}, its finished cells kept",
@@ -193,10 +195,20 @@ def run_jobs(jobs, threads, calls):
         for p in multiprocessing.active_children():
             p.kill()
         raise
+    except BrokenProcessPool:  # a cell's process was killed (out of memory?) or crashed: the pool stops the others
+        raise UsageError(f"experiment: a cell's process stopped, its cell unfinished; the finished cells are kept: "
+                         f"resume with the same command and --resume --out {train.PROGRESS['out']}") from None
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
         pool.shutdown(cancel_futures=True)
+
+
+def cell_process(threads, parent):
+    """A process of run_jobs' pool: `threads` threads, and it ends with the experiment's process (`parent`), even
+    one killed by kill -9, so no cell runs on in a folder whose lock is gone."""
+    train.die_with_parent(parent)
+    torch.set_num_threads(threads)
 
 
 def logged(path, fn, *fn_args):

@@ -28,7 +28,7 @@ from train import UsageError, to_device
 def probe(args, out, model_dir, data_dir):
     """probe.json: theta_change, meta_loss (per encoder and language), dev_f1_curve; probe.md: the three tables."""
     models = {"base": Path(args.base) if args.base else train.testbed(args, args.testbed_seed)[0], "primed": model_dir}
-    source, prime_langs, evals = train.resolve_languages(args, data_dir)
+    source, prime_langs, evals = train.resolve_languages(args, data_dir, model_dir)  # model_dir: its priming.json
     base, primed = (theta_phi(load_pretrained(d))[0] for d in models.values())
     if {n: p.shape for n, p in base.items()} != {n: p.shape for n, p in primed.items()}:
         raise UsageError(f"--base {models['base']} and --model {model_dir}: different architectures")
