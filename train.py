@@ -328,7 +328,7 @@ def copy_priming(model_dir, out):
     """model_dir's priming record, if it has one, into the model folder `out` (saved from it)."""
     record = Path(model_dir) / PRIMING_FILE
     if record.exists():
-        atomic_write(Path(out) / PRIMING_FILE, lambda f: shutil.copyfile(record, f))
+        atomic_write(Path(out) / PRIMING_FILE, functools.partial(shutil.copyfile, record))
 
 
 def primed_on(model_dir):
@@ -360,8 +360,10 @@ def load_examples(data_dir, split, langs, tok, labels, max_len):
 def evaluate(model, name, examples, sentences, labels, pad, batch_size):
     """metapeft.evaluate with a progress line `name` counting sentences (the examples are in their order)."""
     report = progress(name, len(sentences), "sent")
-    return metapeft.evaluate(model, examples, sentences, labels, pad, batch_size,
-                             progress=lambda n: report(examples[n - 1].sent + 1))
+
+    def sentences_done(n_examples):  # an example is a window of a sentence: count the sentences reached
+        report(examples[n_examples - 1].sent + 1)
+    return metapeft.evaluate(model, examples, sentences, labels, pad, batch_size, progress=sentences_done)
 
 
 def episode_config(args, source, query_langs, pairing):
@@ -439,7 +441,7 @@ def save_model(model, out, model_dir):
         raise UsageError(f"{out}: not saved: non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}")
     model.save_pretrained(out)
     tokenizer = Path(model_dir) / "tokenizer.json"
-    atomic_write(Path(out) / "tokenizer.json", lambda f: shutil.copyfile(tokenizer, f))
+    atomic_write(Path(out) / "tokenizer.json", functools.partial(shutil.copyfile, tokenizer))
     copy_priming(model_dir, out)
     if model.lm_head is None:
         copy_lm_head(model_dir, out)
