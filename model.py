@@ -133,17 +133,29 @@ def is_head(name):
     return name.startswith("classifier.")
 
 
-def linear(x, weight, bias=None):
-    """F.linear, or with a leading task dimension on the weight ([tasks, out, in], bias [tasks, out]: T tasks' own
-    phi, computed together) and on x ([tasks, tokens, in]) one matmul per task, batched."""
-    if weight.ndim == 2:
-        return F.linear(x, weight, bias)
-    return x @ weight.mT if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight.mT)
+def task_columns(x, weight, bias, tasks):
+    """For T tasks' own tensors (weight [T, out, in], bias [T, out] or None: their phi, computed together), each
+    token's product with its own task's: [tokens, T, out], 0 outside the token's own task (tasks [tokens, T]: each
+    token's task, one-hot). One matmul over all tasks' weights: T times one task's arithmetic, which PEFT's narrow
+    layers can afford, instead of T small matmuls (or padding every task to the largest one's tokens)."""
+    y = F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
+    return y.unflatten(1, weight.shape[:2]) * tasks[:, :, None]
+
+
+def through_narrow(x, w1, b1, w2, b2, tasks, act=None):
+    """act(x w1^T + b1) w2^T + b2 with each token's own task's tensors (w1 [T, mid, in], w2 [T, out, mid], biases
+    [T, ...] or None; see task_columns), for PEFT's narrow middles (LoRA's rank, an adapter's size): the middle as
+    task columns, and the second matmul over all tasks' w2 side by side sums the token's own task's term only."""
+    h = task_columns(x, w1, b1, tasks).flatten(1)
+    h = h if act is None else act(h)  # act(0) = 0 (relu, gelu, tanh): other tasks' columns stay 0
+    y = F.linear(h, w2.transpose(0, 1).flatten(1))
+    return y if b2 is None else y + tasks @ b2
 
 
 class Linear(nn.Linear):
     """nn.Linear plus an optional LoRA update (alpha / r) * B A. B starts at zero, so a fresh LoRA is a no-op.
-    Its tensors may carry a leading task dimension (see linear): the PEFT, adapter and head layers are these."""
+    Its PEFT tensors (LoRA's; all of the head's) may carry a leading task dimension: T tasks' phi, their tokens'
+    tasks then given as `tasks` (see task_columns)."""
 
     def __init__(self, n_in, n_out, r=0, alpha=1.0, dropout=0.0):
         super().__init__(n_in, n_out)
@@ -153,11 +165,16 @@ class Linear(nn.Linear):
             self.scaling = alpha / r
             self.lora_dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
-        y = linear(x, self.weight, self.bias)
-        if self.r and not self.merged:
-            y = y + linear(linear(self.lora_dropout(x), self.lora_A), self.lora_B * self.scaling)  # B: r columns
-        return y
+    def forward(self, x, tasks=None):
+        if self.weight.ndim == 3:  # the head, one per task
+            return task_columns(x, self.weight, self.bias, tasks).sum(1)
+        y = F.linear(x, self.weight, self.bias)
+        if not self.r or self.merged:
+            return y
+        x, B = self.lora_dropout(x), self.lora_B * self.scaling  # scaled B: r columns, not the output's
+        if self.lora_A.ndim == 2:
+            return y + F.linear(F.linear(x, self.lora_A), B)
+        return y + through_narrow(x, self.lora_A, None, B, None, tasks)
 
     def delta(self):
         return self.scaling * self.lora_B @ self.lora_A
@@ -177,8 +194,12 @@ class Adapter(nn.Module):
         super().__init__()
         self.down, self.up, self.act = Linear(dim, size), Linear(size, dim), ACTS[act]
 
-    def forward(self, x):
-        return x + self.up(self.act(self.down(x)))
+    def forward(self, x, tasks=None):
+        """x [tokens, dim]; with a task dimension on the adapter's tensors, tasks as Linear takes it."""
+        down, up = self.down, self.up
+        if down.weight.ndim == 2:
+            return x + up(self.act(down(x)))
+        return x + through_narrow(x, down.weight, down.bias, up.weight, up.bias, tasks, self.act)
 
 
 # Our module names inside a layer -> Hugging Face's, under roberta.encoder.layer.{i}.
@@ -210,34 +231,41 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         method = peft.method if peft else None
-        adapter = lambda on: Adapter(H, peft.adapter_size, peft.adapter_act) if on else nn.Identity()
+        adapter = lambda on: Adapter(H, peft.adapter_size, peft.adapter_act) if on else None
         self.adapter_attn = adapter(method == "houlsby")
         self.adapter_ffn = adapter(method in ("houlsby", "pfeiffer"))
 
-    def forward(self, x, mask, keep, where):
-        """x: [tasks, tokens, hidden], each task's real tokens (then zeros up to the longest task's count); mask: [rows,
-        seq], True where attention sees a position; where: the row of x.flatten(0, 1) at each of [rows, seq]
-        positions (len: zeros), keep: the [rows * seq] position of each row of x.flatten(0, 1) (len: zeros)."""
-        (R, S), (T, M, H) = mask.shape, x.shape
-        padded = lambda t: unpack(t.flatten(0, 1), where).view(R, S, self.n_heads, -1).transpose(1, 2)
-        q, k, v = (padded(p(x)) for p in (self.query, self.key, self.value))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
-                                           dropout_p=self.p_attn if self.training else 0.0)
-        a = unpack(a.transpose(1, 2).reshape(R * S, H), keep).view(T, M, H)
-        x = self.attn_norm(x + self.adapter_attn(self.dropout(self.attn_out(a))))
-        h = self.ffn_out(F.gelu(self.ffn_in(x)))
-        return self.ffn_norm(x + self.adapter_ffn(self.dropout(h)))
+    def forward(self, x, tasks, blocks):
+        """x: [tokens, hidden], the real tokens; tasks: their tasks, one-hot [tokens, T] (None: no task dimension);
+        blocks: attention's layout, as Encoder.attention_blocks gives it."""
+        where, keep, masks = blocks
+        q, k, v = (unpack(p(x, tasks), where).split([m.numel() for m in masks])
+                   for p in (self.query, self.key, self.value))
+        heads = lambda t, m: t.view(*m.shape, self.n_heads, -1).transpose(1, 2)  # [rows, heads, seq, head size]
+        a = torch.cat([F.scaled_dot_product_attention(heads(qt, m), heads(kt, m), heads(vt, m),
+                                                      attn_mask=m[:, None, None, :],
+                                                      dropout_p=self.p_attn if self.training else 0.0)
+                       .transpose(1, 2).flatten(0, 1).flatten(1) for qt, kt, vt, m in zip(q, k, v, masks)])
+        x = self.attn_norm(x + self.adapt(self.adapter_attn, self.dropout(self.attn_out(a.index_select(0, keep), tasks)),
+                                          tasks))
+        h = self.ffn_out(F.gelu(self.ffn_in(x, tasks)), tasks)
+        return self.ffn_norm(x + self.adapt(self.adapter_ffn, self.dropout(h), tasks))
+
+    @staticmethod
+    def adapt(adapter, h, tasks):
+        return h if adapter is None else adapter(h, tasks)
 
 
 def unpack(x, where, fill=0):
-    """Row where[i] of x, or `fill` where where[i] == len(x) (a padding position)."""
-    return torch.cat([x, x.new_full((1, *x.shape[1:]), fill)])[where]
+    """Row where[i] of x, or `fill` where where[i] == len(x) (a padding position). index_select, not x[where]: on
+    a CPU its gather and its backward (index_add_) are 3-4x faster than advanced indexing's (index_put_)."""
+    return torch.cat([x, x.new_full((1, *x.shape[1:]), fill)]).index_select(0, where)
 
 
 class Encoder(nn.Module):
     """Embeddings (RoBERTa position ids) + layers; returns the last hidden state [batch, seq, hidden], 0 at
-    positions the attention mask hides. With a leading task dimension (input_ids [tasks, batch, seq], the weights of
-    PEFT layers [tasks, ...] as Linear takes them) the tasks run together: [tasks, batch, seq, hidden]."""
+    positions the attention mask hides. With a leading task dimension (input_ids [tasks, batch, seq], the PEFT
+    tensors [tasks, ...] as Linear takes them) the tasks run together: [tasks, batch, seq, hidden]."""
 
     def __init__(self, cfg, peft=None):
         super().__init__()
@@ -251,31 +279,43 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg, peft) for _ in range(cfg.num_hidden_layers))
 
     def forward(self, input_ids, attention_mask=None):
-        ids = input_ids.view(-1, *input_ids.shape[-2:])  # [tasks, batch, seq]; one task without a task dimension
+        ids = input_ids.view(-1, *input_ids.shape[-2:])  # [tasks, rows, seq]; one task without a task dimension
         real = ids.ne(self.pad)
         positions = torch.cumsum(real, -1) * real + self.pad  # counted from pad+1 over non-pad tokens
-        mask = (real if attention_mask is None else attention_mask.view_as(ids).bool()).flatten(1)
-        # Only the real tokens (mask True) go through the token-wise work: no FLOPs on padding. They sit in x as
-        # [tasks, tokens, hidden], task t's at x[t, :its count] (zeros after, up to the longest task's count).
-        # Attention and the output put them back by indexing [x; 0] (index_copy's double backward would keep a copy
-        # of x); padding returns 0.
-        T, M = len(ids), int(mask.sum(1).max())
-        slot = mask.cumsum(1) - 1 + torch.arange(T, device=ids.device)[:, None] * M
-        where = torch.where(mask, slot, T * M).flatten()
-        real_at = mask.flatten().nonzero().squeeze(1)
-        keep = torch.full((T * M,), mask.numel(), device=ids.device).index_put_((where[real_at],), real_at)
+        mask = real if attention_mask is None else attention_mask.view_as(ids).bool()
+        # Only the real tokens (mask True) go through the token-wise work, no FLOPs on padding: x is [tokens, hidden],
+        # task by task, row by row. Attention and the output put them in padded layouts by gathering rows of [x; 0].
+        at = mask.flatten().nonzero().squeeze(1)
+        slot = torch.full((mask.numel(),), len(at), device=ids.device).index_put_((at,), torch.arange(len(at)))
+        tasks = None
+        if input_ids.ndim == 3:
+            tasks = F.one_hot(at // mask[0].numel(), len(ids)).to(self.word_embeddings.weight.dtype)
         # Each distinct token looked up once: its embedding gradient is one row per pass, so the row-sparse gradient
         # (metapeft.row_sparse_embedding_gradient) sums the same few values as the dense one
-        tokens, at = unpack(ids.flatten(), keep, self.pad).unique(return_inverse=True)
-        x = (self.word_embeddings(tokens)[at]
-             + self.position_embeddings(unpack(positions.flatten(), keep, self.pad))
+        tokens, inverse = ids.flatten().index_select(0, at).unique(return_inverse=True)
+        x = (self.word_embeddings(tokens).index_select(0, inverse)
+             + self.position_embeddings(positions.flatten().index_select(0, at))
              + self.token_type_embeddings.weight[0])
-        x = self.dropout(self.LayerNorm(x)).view(T, M, -1)
-        rows = mask.view(-1, ids.shape[-1])
-        rows = rows | ~rows.any(1, keepdim=True)  # a row of padding only (tasks of fewer rows): attention has a key
+        x = self.dropout(self.LayerNorm(x))
+        blocks = self.attention_blocks(mask, slot.view(mask.shape))
         for layer in self.layers:
-            x = layer(x, rows, keep, where)
-        return unpack(x.flatten(0, 1), where).view(*input_ids.shape, -1)
+            x = layer(x, tasks, blocks)
+        return unpack(x, slot).view(*input_ids.shape, -1)
+
+    @staticmethod
+    def attention_blocks(mask, slot):
+        """Attention's layout, for mask [tasks, rows, seq] and slot (x's row at each position, len(x) at padding):
+        each task's rows padded to its own longest row, as the task alone would be (no attention over another task's
+        padding), one block per task. Returns where (x's row at each position of the blocks, one after the other),
+        keep (the blocks' position of each row of x) and masks (each block's [rows, width] key mask)."""
+        widths = (mask.any(1) * torch.arange(1, mask.shape[-1] + 1, device=mask.device)).amax(1).clamp(min=1)
+        masks = [m[:, :w] for m, w in zip(mask, widths.tolist())]
+        masks = [m | ~m.any(1, keepdim=True) for m in masks]  # a row of padding only (tasks of fewer rows): a key
+        where = torch.cat([s[:, :m.shape[1]].flatten() for s, m in zip(slot, masks)])
+        n = int(mask.sum())
+        real = (where < n).nonzero().squeeze(1)
+        keep = torch.empty(n, dtype=torch.long, device=mask.device).index_put_((where[real],), real)
+        return where, keep, masks
 
 
 class LMHead(nn.Module):
@@ -311,7 +351,10 @@ class Model(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         """Token-classification logits [batch, seq, num_labels] ([tasks, batch, seq, num_labels]: see Encoder)."""
         h = self.encoder(input_ids, attention_mask)
-        return self.classifier(self.dropout(h.flatten(-3, -2))).view(*h.shape[:-1], -1)  # a task's tokens in a row
+        tasks = None
+        if input_ids.ndim == 3:  # each position's task, for the head's own per task
+            tasks = torch.eye(len(h), dtype=h.dtype, device=h.device).repeat_interleave(h[0, ..., 0].numel(), 0)
+        return self.classifier(self.dropout(h.flatten(0, -2)), tasks).view(*h.shape[:-1], -1)
 
     def mlm_logits(self, input_ids, attention_mask=None):
         """Masked-LM logits [batch, seq, vocab]."""
