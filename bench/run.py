@@ -22,7 +22,8 @@ Sections, from one checkpoint the script writes (random weights, a trained-looki
            .step()); also against the sequential code (below)
   prime    the testbed's priming meta-step as `python train.py --stage prime` takes it (4 tasks, the testbed
            preset of the recipe, world 0's encoder, one process): ours (the tasks together) vs the sequential code
-The sequential code: metapeft.py and model.py of SEQUENTIAL_COMMIT, the last whose meta_loss took one task at a time
+The sequential code: metapeft.py, model.py (and their data.py, train.py) of SEQUENTIAL_COMMIT, the last whose
+meta_loss took one task at a time
 (train.py called it once per task); the variants' table is VARIANTS.
   profile  (not by default) one step of meta (second order) and recipe per stack: the ops' CPU time by kind
            (matmuls, attention, elementwise, optimizer) and the rest (Python, autograd, dispatch); the matmuls'
@@ -53,7 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # The code before the task-batched meta-step (meta_loss one task at a time), for the variants of settings["code"]
-# "sequential": run_variant puts its metapeft.py and model.py in a folder named by BENCH_CODE, imported first.
+# "sequential": run_variant puts its files (write_sequential_code) in a folder named by BENCH_CODE, imported first.
 SEQUENTIAL_COMMIT = "e516686"
 if os.environ.get("BENCH_CODE"):
     sys.path.insert(0, os.environ["BENCH_CODE"])
@@ -538,12 +539,14 @@ def run_variant(name, args, ckpt):
 
 
 def write_sequential_code(root):
-    """root/sequential: metapeft.py and model.py of SEQUENTIAL_COMMIT (from git), for the sequential variants."""
+    """root/sequential: the code of SEQUENTIAL_COMMIT (from git), for the sequential variants: metapeft.py and
+    model.py, and the data.py and train.py that go with them (today's train.py imports names they lack)."""
     (root / "sequential").mkdir()
-    for name in ("metapeft.py", "model.py"):
+    for name in ("metapeft.py", "model.py", "data.py", "train.py"):
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{SEQUENTIAL_COMMIT}:{name}"], capture_output=True,
                               text=True, check=True).stdout
         (root / "sequential" / name).write_text(text)
+    (root / "sequential" / "world0").symlink_to(ROOT / "world0")  # the shipped encoder, found beside train.py
 
 
 def run_rounds(names, args, ckpt):
