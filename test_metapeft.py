@@ -2361,6 +2361,32 @@ def test_experiment_primes_for_one_peft_method_and_finetunes_with_another(tiny_t
     assert "| prime[houlsby] -> lora |" in (tmp_path / "x" / "experiment.md").read_text()
 
 
+def test_experiment_finetunes_a_given_primed_model_as_its_own_priming_would(tiny_testbed, tmp_path, capsys):
+    model, world = tiny_testbed
+    argv = ["--model", model, "--data", world, "--seed", 3, "--seeds", 1, "--methods", "prime", "--prime-peft",
+            "houlsby", "--prime-steps", 2, "--finetune-steps", 3, "--eval-every", 1, "--threads", 1, "--adapter-size",
+            4, *JOBS_1, *TINY_RUN]
+    assert run_cli(*argv, "--out", tmp_path / "a", "--peft", "lora", main=experiment.main) == 0
+    primed = tmp_path / "a" / "seed3" / "prime-houlsby" / "prime" / "model"  # primed for Houlsby adapters
+    assert run_cli(*argv, "--out", tmp_path / "b", "--peft", "houlsby", main=experiment.main) == 0  # primes again
+    assert run_cli(*argv, "--out", tmp_path / "c", "--peft", "houlsby", "--primed", primed, main=experiment.main) == 0
+    own, given = tmp_path / "b" / "seed3" / "prime", tmp_path / "c" / "seed3" / "prime"
+    assert (own / "prime").is_dir() and not (given / "prime").exists()  # no second priming
+    a, b = weights(own / "finetune" / "model"), weights(given / "finetune" / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((given / "config.json").read_text())
+    assert config["primed_with"] == json.loads((primed / "primed.json").read_text()) | {"model": str(primed)}
+    capsys.readouterr()
+    # a model these flags would not have primed, or a cell of several primings: a one-line error, nothing run
+    for bad, says in ((["--prime-peft", "lora"], "primed.json says"), (["--adapter-size", 8], "primed.json says"),
+                      (["--seeds", 2], "--seeds 1"), (["--methods", "prime,maml"], "one priming method"),
+                      (["--primed", tmp_path], "no primed.json")):
+        assert run_cli(*argv, "--out", tmp_path / "d", "--peft", "houlsby", "--primed", primed, *bad,
+                       main=experiment.main) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "d" / "seed3").exists()
+
+
 def test_train_patience_rule_stops_at_the_right_step():
     curve = [0.1, 0.3, 0.2, 0.3, 0.25, 0.4, 0.1, 0.2, 0.3]  # the tie at eval 4 is no improvement
     stops = lambda patience: [n for n in range(1, len(curve) + 1) if train.patience_exhausted(curve[:n], patience)]

@@ -17,6 +17,7 @@ if __name__ == "__main__":  # the repository (train.py, data.py) on the path, wh
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 import argparse
 import contextlib
+import json
 import math
 import multiprocessing
 import os
@@ -106,14 +107,15 @@ def cell(args, run, model_dir, data_dir, method, seed):
     times and evaluated; it scores the mean of its runs (results.json). A cell of one run is that run."""
     run.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    primer = argparse.Namespace(**vars(args) | {"peft": prime_peft(args)})  # priming simulates --prime-peft
-    primed_with = None if method == "none" else {"mode": method, "peft": asdict(train.peft_config(primer))}
+    primed_with = None if method == "none" else priming(args, method)
+    if args.primed and method != "none":
+        primed_with |= {"model": args.primed}
     write_json(run / "config.json", config | {"method": method, "seed": seed, "primed_with": primed_with})
     runs, single = [], cell_runs(args, method) == 1
     for i in range(1 if method == "none" else args.prime_seeds):
         prime_seed, folder = seed + SEED_STRIDE * i, run if single else run / f"prime{i}"
-        primed = (model_dir if method == "none"
-                  else train.prime_stage(primer, folder / "prime", model_dir, data_dir, method, prime_seed))
+        primed = (model_dir if method == "none" else Path(args.primed) if args.primed
+                  else train.prime_stage(primer(args), folder / "prime", model_dir, data_dir, method, prime_seed))
         for j in range(args.finetune_seeds):
             finetune_seed, leaf = seed + SEED_STRIDE * j, folder if single else folder / f"finetune{j}"
             tuned = train.finetune_stage(args, leaf / "finetune", primed, data_dir, finetune_seed)
@@ -126,6 +128,17 @@ def cell(args, run, model_dir, data_dir, method, seed):
               "target_avg_f1": statistics.mean(r["target_avg_f1"] for r in runs), "runs": runs}
     write_json(run / "results.json", result)
     return result
+
+
+def priming(args, method):
+    """How a cell of `method` primes ({"mode", "peft"}, as train.py's primed.json records it)."""
+    return json.loads(json.dumps({"mode": method, "peft": asdict(train.peft_config(primer(args)))}))  # lists
+
+
+def primer(args):
+    """The flags priming runs with: the cell's, its inner loop simulating --prime-peft."""
+    return argparse.Namespace(**vars(args) | {"peft": prime_peft(args)})
+
 
 
 def prime_peft(args):
@@ -230,6 +243,9 @@ def make_parser():
       help="fine-tuning runs per primed encoder (seed, seed+1000, ...)")
     a("--prime-peft", choices=("lora", "houlsby", "pfeiffer"), help="PEFT method that priming simulates (its "
       "settings: --lora-* / --adapter-*), fine-tuning then using --peft from a fresh phi; default: --peft")
+    a("--primed", help="fine-tune this primed model (a cell's prime/model folder) in the priming cell "
+      "instead of priming again: one seed, one priming run, and the priming its primed.json records must be "
+      "--methods' and --prime-peft's (to fine-tune one primed encoder with several PEFT methods)")
     a("--per-world", action="store_true", help="testbed only: seed s runs on its own world, --testbed-seed s")
     a("--jobs", type=train.at_least_0, default=0, help="processes running the cells (and worlds), logs in their "
       "folders; 0: cores / --threads on a CPU, 1 on a GPU; the table is the same bit for bit for every N")
@@ -245,6 +261,17 @@ def check(args):
             raise UsageError(f"--methods: unknown method {m!r} (choose from {', '.join(METHODS)})")
         if m != "none":
             train.prime_config(args, m)
+    if args.primed:
+        primed_cells = [m for m in args.methods.split(",") if m != "none"]
+        if len(primed_cells) != 1 or args.seeds != 1 or args.prime_seeds != 1:
+            raise UsageError("--primed: one priming method in --methods, --seeds 1 and --prime-seeds 1 (it is one "
+                             "primed model)")
+        record, want = train.primed_with(args.primed), priming(args, primed_cells[0])
+        if record is None:
+            raise UsageError(f"--primed {args.primed}: no {train.PRIMED_FILE} there (not a model a prime stage saved)")
+        if record != want:
+            raise UsageError(f"--primed {args.primed}: {train.PRIMED_FILE} says {record}, but these flags prime "
+                             f"with {want}")
     if args.phi_init == "primed" and prime_peft(args) != args.peft:
         raise UsageError(f"--phi-init primed: priming learns a {prime_peft(args)} init, but --peft is {args.peft} "
                          f"(fine-tuning with another PEFT method starts from a fresh phi)")
