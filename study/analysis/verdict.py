@@ -8,10 +8,11 @@ import argparse
 import json
 
 
-def verdict(report, w):
-    """One line per primary comparison in the report: the interval, the wins and the rule's verdict."""
+def verdict(report, w, keys=("prime - multitask", "prime - maml")):
+    """One line per primary comparison `A - B` in the report (keys: v4's and v5's by default): the interval, the
+    wins and the rule's verdict."""
     n, lines = len(report["seeds"]), []
-    for key in ("prime - multitask", "prime - maml"):
+    for key in keys:
         if key not in report["paired"]:
             continue
         d = report["paired"][key]["avg"]
@@ -21,7 +22,7 @@ def verdict(report, w):
         lo, hi = d["ci95"]
         inside = -1 <= lo and hi <= 1
         if lo > 0 or hi < 0:
-            said = f"differs ({'prime higher' if lo > 0 else 'prime lower'})" + ", inside [-1, +1]" * inside
+            said = f"differs ({key.split(' - ')[0]} {'higher' if lo > 0 else 'lower'})" + ", inside [-1, +1]" * inside
         else:
             said = "equivalent within 1 F1" if inside else "undecided"
         lines.append(f"{key}: {d['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}], wins {d['wins']}/{d['n']}: {said}"

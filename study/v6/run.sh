@@ -8,7 +8,11 @@
 # pretraining resumes from its checkpoint). P=2 cells at a time, one thread each. Each cell is an experiment folder of
 # its own (two processes never write one folder's files): runs/v6/NAME/WORLD/none-DOWN or prime-PRIMED-DOWN, its log
 # beside it. The table: python -m study.v6.table runs/v6/NAME.
-# A world is built by its `none -> lora` cell, one world ahead of the cells that wait for it.
+# A world is built by its `none -> lora` cell, one world ahead of the cells that wait for it. The matched cells
+# prime[X] -> X prime; the crossed ones prime[X] -> Y fine-tune the encoder their matched cell primed (--primed),
+# once it is saved: on one machine the same bytes as their own priming (same flags and seed; PROTOCOL.md, section 3,
+# has the pilot check it). A failed cell leaves CELL.failed beside its log (the crossed cell of a failed matched
+# one too); the script then ends with their list and exit code 1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -30,14 +34,26 @@ worlds=($(seq $FIRST $((FIRST + N - 1))))
     echo "${worlds[0]} none - lora"
     for i in "${!worlds[@]}"; do
         [ $((i + 1)) -lt ${#worlds[@]} ] && echo "${worlds[i + 1]} none - lora"
-        for cell in "prime lora lora" "prime houlsby lora" "prime houlsby houlsby" "prime lora houlsby" \
-                    "none - houlsby"; do echo "${worlds[i]} $cell"; done
+        for cell in "prime lora lora" "prime houlsby houlsby" "none - houlsby" "prime lora houlsby" \
+                    "prime houlsby lora"; do echo "${worlds[i]} $cell"; done
     done
 } | xargs -P "${P:-2}" -L 1 bash -c '
     w=$0 method=$1 primed=$2 down=$3
+    cell=$OUT/$w/$method-$down; [ $method = none ] || cell=$OUT/$w/$method-$primed-$down
+    mkdir -p $OUT/$w && rm -f $cell.failed
     [ "$method $down" = "none lora" ] || until [ -f $TESTBED-$w/pretrain/model/tokenizer.json ]; do sleep 20; done
     flags=$(eval echo \$DOWN_$down); [ $method = none ] || flags="$PRIME $(eval echo \$PRIMED_$primed) $flags"
-    cell=$OUT/$w/$method-$down; [ $method = none ] || cell=$OUT/$w/$method-$primed-$down
-    mkdir -p $OUT/$w && $PY study/experiment.py $COMMON --seed $w --seeds 1 --methods $method $flags --out $cell \
-        > $cell.log 2>&1'
+    matched=$OUT/$w/prime-$primed-$primed
+    if [ $method = prime ] && [ $primed != $down ]; then  # wait for the matched cell'"'"'s primed encoder
+        until [ -f $matched/seed$w/prime/prime/model/primed.json ]; do
+            [ -f $matched.failed ] && { echo "$matched failed: no encoder to fine-tune" > $cell.log; touch $cell.failed
+                                        exit 0; }
+            sleep 20
+        done
+        flags="$flags --primed $matched/seed$w/prime/prime/model"
+    fi
+    $PY study/experiment.py $COMMON --seed $w --seeds 1 --methods $method $flags --out $cell \
+        > $cell.log 2>&1 || touch $cell.failed'
+failed=$(ls $OUT/*/*.failed 2> /dev/null || true)
+[ -z "$failed" ] || { echo "failed cells (their logs beside them):" $failed; exit 1; }
 echo "done: python -m study.v6.table $OUT"

@@ -14,6 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from study.analysis.verdict import verdict
 from study.experiment import paired
 
 # cell name -> its folder under OUT/WORLD: the experiment folder run.sh gives it, then the cell's within it
@@ -73,10 +74,13 @@ def main(argv=None):
     for key, d in vs.items():
         md += (f"| `{key}` | " + " | ".join(f"{d[l]['mean']:+.1f} {ci(d[l], 1)} {d[l]['wins']}" for l in COLS[:-1])
                + " |\n")
+    report = {"seeds": seeds, "per_world": True, "scores": table, "summary": summary, "paired": vs,
+              "partial": partial}
+    if args.worlds:  # the pre-registered rule on both primary comparisons (partial: descriptive)
+        report["verdict"] = verdict(report, args.worlds, [f"{a} - {b}" for a, b in PRIMARY])
+        md += "\nVerdict (the v4/v5 rule):\n\n" + "".join(f"- {line}\n" for line in report["verdict"])
     print(md)
     if args.save:
-        report = {"seeds": seeds, "per_world": True, "scores": table, "summary": summary, "paired": vs,
-                  "partial": partial}
         Path(args.save + ".json").write_text(json.dumps(report, indent=2) + "\n")
         Path(args.save + ".md").write_text(md)
 
