@@ -241,19 +241,18 @@ class Layer(nn.Module):
         where, keep, masks = blocks
         q, k, v = (unpack(p(x, tasks), where).split([m.numel() for m in masks])
                    for p in (self.query, self.key, self.value))
-        heads = lambda t, m: t.view(*m.shape, self.n_heads, -1).transpose(1, 2)  # [rows, heads, seq, head size]
-        a = torch.cat([F.scaled_dot_product_attention(heads(qt, m), heads(kt, m), heads(vt, m),
-                                                      attn_mask=m[:, None, None, :],
-                                                      dropout_p=self.p_attn if self.training else 0.0)
-                       .transpose(1, 2).flatten(0, 1).flatten(1) for qt, kt, vt, m in zip(q, k, v, masks)])
-        x = self.attn_norm(x + self.adapt(self.adapter_attn, self.dropout(self.attn_out(a.index_select(0, keep), tasks)),
-                                          tasks))
-        h = self.ffn_out(F.gelu(self.ffn_in(x, tasks)), tasks)
-        return self.ffn_norm(x + self.adapt(self.adapter_ffn, self.dropout(h), tasks))
+        a = torch.cat([self.attend(*qkv, m) for *qkv, m in zip(q, k, v, masks)]).index_select(0, keep)
+        h = self.dropout(self.attn_out(a, tasks))
+        x = self.attn_norm(x + (h if self.adapter_attn is None else self.adapter_attn(h, tasks)))
+        h = self.dropout(self.ffn_out(F.gelu(self.ffn_in(x, tasks)), tasks))
+        return self.ffn_norm(x + (h if self.adapter_ffn is None else self.adapter_ffn(h, tasks)))
 
-    @staticmethod
-    def adapt(adapter, h, tasks):
-        return h if adapter is None else adapter(h, tasks)
+    def attend(self, q, k, v, mask):
+        """One task's attention: q, k, v [rows * seq, hidden] in its block's layout, mask [rows, seq] its keys."""
+        q, k, v = (t.view(*mask.shape, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))  # [rows, heads, seq, .]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
+                                           dropout_p=self.p_attn if self.training else 0.0)
+        return a.transpose(1, 2).flatten(0, 1).flatten(1)
 
 
 def unpack(x, where, fill=0):
