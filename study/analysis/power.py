@@ -2,6 +2,8 @@
 the chance that W fresh one-run worlds give a decided verdict under v4's decision rule (verdict.py), by simulation.
 The spread of a world's difference is drawn from its sampling distribution (scaled chi-square), not taken as known;
 the true difference is each of a few values around the table's mean.
+With --sd S --sd-worlds N the spread is S as estimated from N worlds of another table (v6's check at v5's sd 3.49
+of 160 worlds), the true differences still the table's.
 usage: python -m study.analysis.power study/results/v4.json "prime - multitask" 100 120 140 160 180 200"""
 import argparse
 import json
@@ -16,14 +18,19 @@ def main(argv=None):
     ap.add_argument("table", help="a finished experiment.json")
     ap.add_argument("comparison", help='e.g. "prime - multitask"')
     ap.add_argument("designs", type=int, nargs="+", help="numbers of worlds W to simulate")
+    ap.add_argument("--sd", type=float, help="simulate this per-world spread instead of the table's")
+    ap.add_argument("--sd-worlds", type=int, default=160, help="the worlds --sd was estimated from (default: 160)")
     args = ap.parse_args(argv)
     report, key, designs = json.load(open(args.table)), args.comparison, args.designs
     a, b = key.split(" - ")
     seeds = [str(s) for s in report["seeds"]]
     diffs = np.array([report["scores"][a][s]["avg"] - report["scores"][b][s]["avg"] for s in seeds])
     n, sd = len(diffs), diffs.std(ddof=1)
-    print(f"{key}: {n} worlds, mean {diffs.mean():+.2f}, sd {sd:.2f}\n"
-          "| worlds W | true Δ | P(decided) | median half-width |\n|---|---|---|---|")
+    print(f"{key}: {n} worlds, mean {diffs.mean():+.2f}, sd {sd:.2f}")
+    if args.sd:
+        n, sd = args.sd_worlds, args.sd
+        print(f"simulated at sd {sd:.2f} (estimated from {n} worlds)")
+    print("| worlds W | true Δ | P(decided) | median half-width |\n|---|---|---|---|")
     rng = np.random.default_rng(0)
     for w in designs:
         for true in (0.0, round(diffs.mean(), 2), 0.8):
