@@ -2132,6 +2132,17 @@ def test_study_reproduce_dry_run_names_the_pinned_commit(study, first, last, scr
         assert run.returncode == 2 and run.stdout == "" and len(run.stderr.splitlines()) == 1, bad
 
 
+def test_study_power_analysis_gives_v5s_logged_figures(capsys):
+    from study.analysis import power
+    power.main([str(STUDY / "results" / "v4.json"), "prime - multitask", "160"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ")[2] for line in out.splitlines() if line.startswith("| 160 |")]
+    assert "sd 3.17" in out and [round(float(p), 2) for p in rows] == [0.97, 0.94, 0.97]  # study/LOG.md, v5
+    power.main([str(STUDY / "results" / "v4.json"), "prime - multitask", "160", "--sd", "3.49", "--sd-worlds", "160"])
+    wider = [float(line.split(" | ")[2]) for line in capsys.readouterr().out.splitlines() if line.startswith("| 160")]
+    assert all(w < p for w, p in zip(wider, map(float, rows)))  # a larger spread decides less often
+
+
 def test_study_verdict_of_the_committed_tables_is_the_logged_one():
     from study.analysis.verdict import verdict
     v4, v5 = (json.loads((STUDY / "results" / f"{s}.json").read_text()) for s in ("v4", "v5"))
