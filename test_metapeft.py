@@ -2106,9 +2106,15 @@ def test_no_core_module_imports_matplotlib():
     assert subprocess.run([sys.executable, "-c", code], cwd=STUDY.parent).returncode == 0
 
 
-@pytest.mark.parametrize("study, first, last, script", [("v4", 1001, 1060, "bash study/v4.sh"),
-                                                        ("v5", 2001, 2160, "bash $REPO/study/v5/v5.sh")])
-def test_study_reproduce_dry_run_names_the_pinned_commit(study, first, last, script, tmp_path):
+VERDICT = "{py} -m study.analysis.verdict {wt}/runs/{study}/cells/experiment.json {n}"
+V6_TABLE = "(cd {wt} && {py} -m study.v6.table runs/v6/study --worlds {n})"  # it prints the verdict
+
+
+@pytest.mark.parametrize("study, pin, first, last, script, last_step", [
+    ("v4", "528169d", 1001, 1060, "bash study/v4.sh", VERDICT),
+    ("v5", "528169d", 2001, 2160, "bash $REPO/study/v5/v5.sh", VERDICT),
+    ("v6", "5747e2d", 3001, 3340, "NAME=study bash study/v6/run.sh", V6_TABLE)])
+def test_study_reproduce_dry_run_names_the_pinned_commit(study, pin, first, last, script, last_step, tmp_path):
     commit, wt = (STUDY / study / "COMMIT").read_text().strip(), tmp_path / "worktree"
 
     def reproduce(*argv):
@@ -2119,11 +2125,10 @@ def test_study_reproduce_dry_run_names_the_pinned_commit(study, first, last, scr
     assert run.returncode == 0, run.stderr
     lines = run.stdout.replace(str(STUDY.parent), "$REPO").splitlines()
     py = sys.executable.replace(str(STUDY.parent), "$REPO")  # CI's Python is in the repository's .venv
-    assert commit.startswith("528169d") and f"worlds {first}-{last}" in lines[0] and lines[0].endswith(commit)
+    assert commit.startswith(pin) and f"worlds {first}-{last}" in lines[0] and lines[0].endswith(commit)
     assert lines[1:] == [f"+ git worktree add --detach {wt} {commit}",
                          f"+ (cd {wt} && FIRST={first} N={last - first + 1} PY={py} {script})",
-                         *lines[3:-1], f"+ {py} -m study.analysis.verdict "
-                                       f"{wt}/runs/{study}/cells/experiment.json {last - first + 1}"]
+                         *lines[3:-1], "+ " + last_step.format(py=py, wt=wt, study=study, n=last - first + 1)]
     assert all(str(wt) in line for line in lines[1:]) and not wt.exists()  # a dry run makes nothing
     part = reproduce(study, first + 1, first + 2, "--dry-run")
     assert part.returncode == 0 and f"FIRST={first + 1} N=2 " in part.stdout

@@ -3,6 +3,7 @@
 # checked out here as a git worktree, then the table (by that commit's code too) and the pre-registered verdict.
 #   study/reproduce.sh v4 [FIRST LAST]   worlds 1001-1060, none / multitask / maml / prime (about 9 hours on 2 cores)
 #   study/reproduce.sh v5 [FIRST LAST]   worlds 2001-2160, none / multitask / prime (about 27 hours on 2 cores)
+#   study/reproduce.sh v6 [FIRST LAST]   worlds 3001-3340, v6's six cells (about 58 hours on 2 cores)
 #   study/reproduce.sh v5 2001 2010 --dry-run
 # FIRST LAST: a range of the study's worlds (the verdict is then marked partial). --dry-run checks that the commit
 # and every script the run calls exist, prints the commands and runs nothing. PY= the Python (default: this
@@ -18,9 +19,11 @@ for a in "$@"; do if [ "$a" = --dry-run ]; then dry=1; else args+=("$a"); fi; do
 set -- "${args[@]+"${args[@]}"}"
 study=${1:-}
 case "$study" in  # each study's worlds and methods, as its protocol in study/LOG.md names them
-    v4) first=1001 last=1060 methods=none,multitask,maml,prime ;;
-    v5) first=2001 last=2160 methods=none,multitask,prime ;;
-    *) fail "expected a study, v4 or v5, then optionally FIRST LAST and --dry-run (got '${*}')" ;;
+    v4) first=1001 last=1060 methods=none,multitask,maml,prime files="train.py study/final.sh study/v4.sh" ;;
+    v5) first=2001 last=2160 methods=none,multitask,prime files="train.py study/final.sh" ;;
+    v6) first=3001 last=3340 methods="none, prime[lora] and prime[houlsby], each -> lora and -> houlsby"
+        files="study/experiment.py study/v6/run.sh study/v6/table.py" ;;
+    *) fail "expected a study, v4, v5 or v6, then optionally FIRST LAST and --dry-run (got '${*}')" ;;
 esac
 worlds=$((last - first + 1))
 if [ $# -eq 3 ]; then
@@ -35,13 +38,15 @@ fi
 commit=$(cat "study/$study/COMMIT")
 git rev-parse -q --verify "$commit^{commit}" > /dev/null \
     || fail "commit $commit (study/$study/COMMIT) is not in this clone (a shallow clone? git fetch --unshallow)"
-for f in train.py study/final.sh $([ "$study" = v4 ] && echo study/v4.sh); do
+for f in $files; do
     git cat-file -e "$commit:$f" 2> /dev/null || fail "$f does not exist at $commit"
 done
-git grep -q -F '"experiment"' "$commit" -- train.py || fail "train.py at $commit has no --stage experiment"
+[ "$study" = v6 ] || git grep -q -F '"experiment"' "$commit" -- train.py || fail "train.py at $commit has no --stage experiment"
 [ "$study" != v4 ] || [ "$(git rev-parse "$commit:study/v4.sh")" = "$(git hash-object study/v4/v4.sh)" ] \
     || fail "study/v4/v4.sh differs from study/v4.sh at $commit (it must be kept as it ran)"
-for f in "study/$study/$study.sh" study/analysis/verdict.py; do [ -f "$f" ] || fail "$f is missing"; done
+for f in $([ "$study" = v6 ] || echo "study/$study/$study.sh") study/analysis/verdict.py; do
+    [ -f "$f" ] || fail "$f is missing"
+done
 
 if [ -z "${PY:-}" ]; then PY=$([ -x .venv/bin/python ] && echo "$REPO/.venv/bin/python" || command -v python3); fi
 [[ $PY == /* ]] || PY=$(command -v "$PY" || echo "$REPO/$PY")  # absolute: the scripts run in the worktree
@@ -55,8 +60,12 @@ else  # v5.sh (not in the commit) ran in its worktree; the table as v5/table.sh 
     table="cd $wt && $PY train.py --stage experiment --per-world --testbed runs/v5/testbed --prime-steps 60 \
 --out runs/v5/cells --seed $first --seeds $n --methods $methods"
 fi
-steps=("git worktree add --detach $wt $commit" "($cells)" "($table)"
-       "$PY -m study.analysis.verdict $wt/runs/$study/cells/experiment.json $worlds")
+verdict="$PY -m study.analysis.verdict $wt/runs/$study/cells/experiment.json $worlds"
+if [ "$study" = v6 ]; then  # run.sh of the commit runs the cells; its table prints the pre-registered verdict
+    cells="cd $wt && FIRST=$first N=$n PY=$PY NAME=study bash study/v6/run.sh"
+    table="cd $wt && $PY -m study.v6.table runs/v6/study --worlds $worlds" verdict=""
+fi
+steps=("git worktree add --detach $wt $commit" "($cells)" "($table)" ${verdict:+"$verdict"})
 echo "study $study: worlds $first-$last ($n of $worlds), methods $methods, code of commit $commit"
 if [ -d "$wt" ]; then  # made by an earlier call: it must be the pinned commit
     [ "$(git -C "$wt" rev-parse HEAD)" = "$commit" ] || fail "$wt is not a worktree of $commit (WORKTREE=...)"
