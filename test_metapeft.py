@@ -2137,6 +2137,36 @@ def test_study_reproduce_dry_run_names_the_pinned_commit(study, pin, first, last
         assert run.returncode == 2 and run.stdout == "" and len(run.stderr.splitlines()) == 1, bad
 
 
+def test_study_v6_archive_keeps_finished_worlds_and_restores_the_same_table(tmp_path, capsys):
+    from study.v6 import archive, table
+    run, store, pooled, rng = tmp_path / "run", tmp_path / "cells", tmp_path / "pooled", random.Random(0)
+
+    def finish(world, cell, f1):
+        path = archive.results_path(run, world, cell)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scores = {lang: f1 + rng.random() / 10 for lang in ("en", "de", "ja", "ru", "tr")}
+        path.write_text(json.dumps({"f1": scores, "target_avg_f1": statistics.mean(list(scores.values())[1:]),
+                                    "dev_f1": {"en": f1}, "detail": {}}))
+    for world in (7, 8, 9):
+        for cell in table.CELLS:
+            finish(world, cell, rng.random())
+    finish(10, "none -> lora", 0.5)  # a world begun, not finished: not archived
+    assert archive.save(run, store) == [7, 8, 9] and sorted(f.name for f in store.iterdir()) == [
+        "7.json", "8.json", "9.json"]
+    record = json.loads((store / "7.json").read_text())
+    assert record["cpu"] and set(record["cells"]) == set(table.CELLS) and "detail" not in record["cells"]["none -> lora"]
+    assert archive.restore(pooled, store) == [7, 8, 9]
+    for folder in (run, pooled):  # the table of the restored archive is the table of the cells it was saved from
+        table.main([str(folder), "--worlds", "3", "--save", str(tmp_path / folder.name)])
+    tables = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("run", "pooled")]
+    assert tables[0]["seeds"] == [7, 8, 9] and tables[0] == tables[1]
+    before = (store / "7.json").read_text()
+    finish(7, "none -> lora", 0.9)  # a rerun elsewhere: the archived (first, complete) world is kept
+    assert archive.save(run, store) == [] and (store / "7.json").read_text() == before
+    with pytest.raises(SystemExit, match="no such run folder"):
+        archive.main(["save", str(tmp_path / "missing"), "--archive", str(store)])
+
+
 def test_study_power_analysis_gives_v5s_logged_figures(capsys):
     from study.analysis import power
     power.main([str(STUDY / "results" / "v4.json"), "prime - multitask", "160"])
