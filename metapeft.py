@@ -236,7 +236,7 @@ def step(loss, params, opt, sched, clip):
         for t in tensors:  # summed before the check below, so every process sees the same norm and skips alike
             # all_reduce takes dense tensors only: meta_loss's sparse embedding gradient is made dense here
             t.grad = torch.zeros_like(t) if t.grad is None else t.grad.to_dense()
-            dist.all_reduce(t.grad)
+        all_reduce_([t.grad for t in tensors])
     for p in tensors:  # meta_loss's word-embedding gradient is row-sparse: norm and clipping act on its rows
         if p.grad is not None and p.grad.is_sparse:
             p.grad = p.grad.coalesce()
@@ -250,6 +250,22 @@ def step(loss, params, opt, sched, clip):
         sched.step()
     opt.zero_grad(set_to_none=True)
     return norm
+
+
+def all_reduce_(tensors, small=2**17):
+    """Sum each tensor over the processes, in place. Those under `small` elements are summed together, one
+    collective per dtype: a collective's fixed cost (~1 ms with gloo on a CPU) is most of a small tensor's, and one by
+    one the testbed encoder's 69 cost a tenth of its meta-step. Larger ones are summed as they are, uncopied."""
+    together = {}
+    for t in tensors:
+        if t.numel() < small:
+            together.setdefault(t.dtype, []).append(t)
+        else:
+            dist.all_reduce(t)
+    for group in together.values():
+        flat = torch.cat([t.flatten() for t in group])
+        dist.all_reduce(flat)
+        torch._foreach_copy_(group, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in group]), group)])
 
 
 # ----------------------------------------------------------------------------- evaluation and MLM

@@ -975,6 +975,27 @@ def test_prime_adamw_row_sparse_step_is_the_dense_step():
     assert all(torch.equal(opt.state[ours][k], want.state[ref][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
+def test_all_reduce_sums_every_tensor_small_ones_together():
+    """step's gradient sum over processes: a tensor of `small` elements or more in a collective of its own, in
+    place; the smaller ones in one collective per dtype. Every tensor comes back summed."""
+    calls = []
+
+    def as_two_processes(t):  # two processes holding the same tensors would sum to twice each
+        calls.append((t.dtype, t.numel(), t))
+        t.mul_(2)
+    f64 = dict(dtype=torch.float64)
+    tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(30, **f64), torch.randn(7), torch.randn(40, 2),
+               torch.randn(3, **f64), torch.randn(2, 2)]
+    before = [t.clone() for t in tensors]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mp.dist, "all_reduce", as_two_processes)
+        mp.all_reduce_(tensors, small=20)
+    assert all(torch.equal(t, 2 * b) for t, b in zip(tensors, before))
+    assert [c[:2] for c in calls] == [(torch.float64, 30), (torch.float32, 80), (torch.float32, 28),
+                                      (torch.float64, 3)]
+    assert calls[0][2] is tensors[2] and calls[1][2] is tensors[4]
+
+
 def test_prime_attention_kernels(monkeypatch):
     """Fused SDPA has no double backward; second order runs the support passes on the math kernel, first order
     and the query pass keep the default (fused) kernels, and the kernel choice does not change the numbers."""

@@ -14,6 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from model import atomic_write
 from study.analysis.verdict import verdict
 from study.experiment import paired
 
@@ -81,8 +82,8 @@ def main(argv=None):
         md += "\nVerdict (the v4/v5 rule):\n\n" + "".join(f"- {line}\n" for line in report["verdict"])
     print(md)
     if args.save:
-        Path(args.save + ".json").write_text(json.dumps(report, indent=2) + "\n")
-        Path(args.save + ".md").write_text(md)
+        for suffix, text in ((".json", json.dumps(report, indent=2) + "\n"), (".md", md)):
+            atomic_write(Path(args.save + suffix), lambda f: Path(f).write_text(text))
 
 
 if __name__ == "__main__":
