@@ -2263,6 +2263,26 @@ def test_study_figures_draw_the_numbers_of_the_results():
     assert [round(b.get_height(), 6) for b in bars] == [21.9, 28.6, 29.6, 31.1, 33.3, 27.8]
 
 
+def test_study_thesis_figure_draws_v6_final_table_else_the_partial_one(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(STUDY / "results", results)
+    (results / "v6.json").unlink(missing_ok=True)
+    partial = json.loads((results / "v6-study-partial.json").read_text())
+    fig = figures.draw_thesis(results)
+    for comparison in figures.V6_COMPARISONS:
+        assert list(drawn(fig, f"ci:v6:{comparison}")[0]) == partial["paired"][comparison]["avg"]["ci95"]
+        assert len(drawn(fig, f"worlds:v6:{comparison}")[0]) == len(partial["seeds"])
+    assert partial["partial"] and "PARTIAL" in fig.get_suptitle()
+    final = partial | {"partial": False, "seeds": partial["seeds"][:3]}  # the final table wins over a partial one
+    (results / "v6.json").write_text(json.dumps(final))
+    fig = figures.draw_thesis(results)
+    assert len(drawn(fig, f"worlds:v6:{figures.V6_COMPARISONS[0]}")[0]) == 3 and "PARTIAL" not in fig.get_suptitle()
+    (results / "v6.json").unlink()
+    (results / "v6-study-partial.json").unlink()
+    with pytest.raises(figures.FigureError, match="v6.json: missing"):
+        figures.draw_thesis(results)
+
+
 def test_study_figures_name_a_missing_or_malformed_file(tmp_path, capsys):
     results = tmp_path / "results"
     shutil.copytree(STUDY / "results", results)

@@ -1,7 +1,7 @@
 """The study's figures, drawn from the committed results alone (no run), and a run's training curves.
 
     python study/figures.py study                           # every figure: study/results -> study/figures/*.svg, .png
-    python study/figures.py study answer                    # one of them (answer, spread, languages, probe)
+    python study/figures.py study answer                    # one of them (answer, spread, languages, probe, thesis)
     python study/figures.py run runs/prime-<time>           # its metrics.jsonl -> runs/prime-<time>/curves.svg, .png
     python study/figures.py run runs/finetune-a runs/finetune-b --out runs/a-vs-b   # several runs overlaid
 
@@ -28,10 +28,14 @@ BAND = (-1, 1)  # v4's and v5's pre-registered equivalence band: an interval ins
 SPREAD = {"v5": ["prime - multitask", "prime - none", "multitask - none"],
           "v4": ["prime - multitask", "prime - maml", "prime - none", "multitask - none"]}
 LANGUAGE_COMPARISONS = ["prime - none", "prime - multitask"]
+V6_TABLES = ["v6", "v6-study-partial"]  # the final table, else the latest partial one
+V6_COMPARISONS = ["prime[lora] -> lora - prime[houlsby] -> lora",  # primary: matched minus mismatched priming
+                  "prime[houlsby] -> houlsby - prime[lora] -> houlsby",
+                  "prime[lora] -> lora - none -> lora", "prime[houlsby] -> houlsby - none -> houlsby"]
 PROBES = {"prime": "probe-v4-world1001-prime", "multitask": "probe-v4-world1001-multitask"}  # v4's, world 1001
 RUN_PANELS = {"meta_loss": "meta-loss", "loss": "loss", "grad_norm": "gradient norm", "lr": "learning rate",
               "dev_f1": "source dev F1"}
-COLORS = {"v4": "#1f77b4", "v5": "#d62728", "base": "#7f7f7f", "prime": "#d62728", "multitask": "#2ca02c"}
+COLORS = {"v4": "#1f77b4", "v5": "#d62728", "v6": "#9467bd", "base": "#7f7f7f", "prime": "#d62728", "multitask": "#2ca02c"}
 STYLE = {"svg.hashsalt": "metapeft", "svg.fonttype": "path", "font.family": "DejaVu Sans", "font.size": 9,
          "axes.spines.top": False, "axes.spines.right": False}
 
@@ -127,29 +131,59 @@ def draw_answer(results):
     return fig
 
 
-def draw_spread(results):
-    """Each world's difference in v5 and v4, with the mean and its interval: how many worlds went each way."""
-    fig = Figure(figsize=(8, 4.4), layout="constrained")
+def worlds_row(ax, y, report, path, comparison, color, name):
+    """One comparison at height y: each world's difference (a dot), the mean and its 95% interval (a bar above
+    them). Returns the row's label: how many worlds went each way."""
+    diffs = per_world(report, path, comparison)
+    jitter = [((i * 0.6180339887) % 1 - 0.5) * 0.5 for i in range(len(diffs))]  # fixed, no random draw
+    ax.scatter(diffs, [y + j for j in jitter], s=6, color=color, alpha=0.55, linewidths=0,
+               gid=f"worlds:{name}:{comparison}")
+    mean, lo, hi = interval(report, path, comparison)
+    ax.plot([lo, hi], [y + 0.38] * 2, color="black", linewidth=2, gid=f"ci:{name}:{comparison}")
+    ax.plot([mean], [y + 0.38], "|", color="black", markersize=9, markeredgewidth=2)
+    return f"{name} {comparison}\n{sum(d > 0 for d in diffs)} of {len(diffs)} worlds above 0"
+
+
+def spread_axes(fig):
+    """An axes with the equivalence band and the zero line, for worlds_row's rows."""
     ax = fig.subplots()
     ax.axvspan(*BAND, color="#e8e8e8", zorder=0)
     ax.axvline(0, color="black", linewidth=0.8, zorder=1)
-    labels, y = [], 0
+    return ax
+
+
+def draw_spread(results):
+    """Each world's difference in v5 and v4, with the mean and its interval: how many worlds went each way."""
+    fig = Figure(figsize=(8, 4.4), layout="constrained")
+    ax = spread_axes(fig)
+    labels = []
     for study, comparisons in SPREAD.items():
         path = results / f"{study}.json"
         report = load_json(path)
         for comparison in comparisons:
-            diffs = per_world(report, path, comparison)
-            jitter = [((i * 0.6180339887) % 1 - 0.5) * 0.5 for i in range(len(diffs))]  # fixed, no random draw
-            ax.scatter(diffs, [y + j for j in jitter], s=6, color=COLORS[study], alpha=0.55, linewidths=0,
-                       gid=f"worlds:{study}:{comparison}")
-            mean, lo, hi = interval(report, path, comparison)
-            ax.plot([lo, hi], [y + 0.38] * 2, color="black", linewidth=2, gid=f"ci:{study}:{comparison}")
-            ax.plot([mean], [y + 0.38], "|", color="black", markersize=9, markeredgewidth=2)
-            above = sum(d > 0 for d in diffs)
-            labels.append(f"{study} {comparison}\n{above} of {len(diffs)} worlds above 0")
-            y -= 1
-    ax.set_yticks(range(0, y, -1), labels, fontsize=8)
+            labels.append(worlds_row(ax, -len(labels), report, path, comparison, COLORS[study], study))
+    ax.set_yticks(range(0, -len(labels), -1), labels, fontsize=8)
     ax.set_xlabel("per-world difference of the target-average test F1 (x100); bar: mean and 95% t-interval")
+    return fig
+
+
+def draw_thesis(results):
+    """v6, "know where you're going": each world's matched minus mismatched priming per downstream method (the
+    primary comparisons) and matched priming against none, with the means and their intervals. From the final
+    table (v6.json), else the latest partial one, then titled as descriptive."""
+    path = next((p for p in (results / f"{stem}.json" for stem in V6_TABLES) if p.exists()),
+                results / f"{V6_TABLES[0]}.json")
+    report = load_json(path)
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    ax = spread_axes(fig)
+    labels = [worlds_row(ax, -i, report, path, c, COLORS["v6"] if i < 2 else COLORS["base"], "v6")
+              for i, c in enumerate(V6_COMPARISONS)]
+    ax.set_yticks(range(0, -len(labels), -1), [label.removeprefix("v6 ") for label in labels], fontsize=8)
+    ax.set_xlabel("per-world difference of the target-average test F1 (x100); bar: mean and 95% t-interval")
+    seeds = field(report, path, "seeds")
+    partial = ", PARTIAL: descriptive, not the verdict" if field(report, path, "partial") else ""
+    fig.suptitle(f"v6, {len(seeds)} worlds ({worlds(report, path)}){partial}\ntop two (primary): priming for the "
+                 "PEFT method that follows minus priming for the other; below: minus no priming", fontsize=9)
     return fig
 
 
@@ -251,7 +285,8 @@ def draw_probe(results):
     return fig
 
 
-STUDY_FIGURES = {"answer": draw_answer, "spread": draw_spread, "languages": draw_languages, "probe": draw_probe}
+STUDY_FIGURES = {"answer": draw_answer, "spread": draw_spread, "languages": draw_languages, "probe": draw_probe,
+                 "thesis": draw_thesis}
 
 
 def read_metrics(folder):
