@@ -149,6 +149,7 @@ def spread_axes(fig):
     ax = fig.subplots()
     ax.axvspan(*BAND, color="#e8e8e8", zorder=0)
     ax.axvline(0, color="black", linewidth=0.8, zorder=1)
+    ax.set_xlabel("per-world difference of the target-average test F1 (x100); bar: mean and 95% t-interval")
     return ax
 
 
@@ -163,7 +164,6 @@ def draw_spread(results):
         for comparison in comparisons:
             labels.append(worlds_row(ax, -len(labels), report, path, comparison, COLORS[study], study))
     ax.set_yticks(range(0, -len(labels), -1), labels, fontsize=8)
-    ax.set_xlabel("per-world difference of the target-average test F1 (x100); bar: mean and 95% t-interval")
     return fig
 
 
@@ -179,7 +179,6 @@ def draw_thesis(results):
     labels = [worlds_row(ax, -i, report, path, c, COLORS["v6"] if i < 2 else COLORS["base"], "v6")
               for i, c in enumerate(V6_COMPARISONS)]
     ax.set_yticks(range(0, -len(labels), -1), [label.removeprefix("v6 ") for label in labels], fontsize=8)
-    ax.set_xlabel("per-world difference of the target-average test F1 (x100); bar: mean and 95% t-interval")
     seeds = field(report, path, "seeds")
     partial = ", PARTIAL: descriptive, not the verdict" if field(report, path, "partial") else ""
     fig.suptitle(f"v6, {len(seeds)} worlds ({worlds(report, path)}){partial}\ntop two (primary): priming for the "
