@@ -35,7 +35,8 @@ V6_COMPARISONS = ["prime[lora] -> lora - prime[houlsby] -> lora",  # primary: ma
 PROBES = {"prime": "probe-v4-world1001-prime", "multitask": "probe-v4-world1001-multitask"}  # v4's, world 1001
 RUN_PANELS = {"meta_loss": "meta-loss", "loss": "loss", "grad_norm": "gradient norm", "lr": "learning rate",
               "dev_f1": "source dev F1"}
-COLORS = {"v4": "#1f77b4", "v5": "#d62728", "v6": "#9467bd", "base": "#7f7f7f", "prime": "#d62728", "multitask": "#2ca02c"}
+COLORS = {"v4": "#1f77b4", "v5": "#d62728", "v6": "#9467bd", "base": "#7f7f7f", "prime": "#d62728",
+          "multitask": "#2ca02c"}
 STYLE = {"svg.hashsalt": "metapeft", "svg.fonttype": "path", "font.family": "DejaVu Sans", "font.size": 9,
          "axes.spines.top": False, "axes.spines.right": False}
 
